@@ -1,0 +1,116 @@
+"""The ``stillroom`` command. Plugins add subcommands through the ``register_commands`` hook.
+
+Errors a user can cause are one line on stderr and exit status 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from stillroom import __version__
+from stillroom.core.errors import StillroomError
+from stillroom.core.host import get_host
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="stillroom")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Distill big, slow teachers into small, fast students; export, benchmark and serve them."""
+    ctx.ensure_object(dict)["debug"] = debug
+    _setup_logging(debug)
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List built-in and installed plugins and what they registered."""
+    infos = get_host().infos()
+    if as_json:
+        click.echo(json.dumps([info.as_json() for info in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plugin", "version", "methods", "exporters", "runtimes", "status")
+    for info in infos:
+        status = f"[red]error: {info.error}" if info.error else ("built-in" if info.builtin else "installed")
+        table.add_row(info.name, info.version or "", ", ".join(info.methods), ", ".join(info.exporters),
+                      ", ".join(info.runtimes), status)
+    Console().print(table)
+
+
+@cli.command()
+def recipes() -> None:
+    """List the recipes shipped with stillroom (usable by name in `stillroom distill NAME`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stillroom.core.recipe import load_yaml, named_recipes
+
+    table = Table("name", "method", "description")
+    for name, path in sorted(named_recipes().items()):
+        data = load_yaml(path)
+        table.add_row(name, str((data.get("method") or {}).get("name", "")), str(data.get("description", "")))
+    Console().print(table)
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+def distill(recipe: str, overrides: tuple[str, ...], out: Path | None, resume: bool) -> None:
+    """Train a student from RECIPE (a YAML file or a shipped recipe name) with KEY=VALUE overrides."""
+    from stillroom.core import recipe as recipes_mod
+    from stillroom.core.trainer import Trainer
+
+    loaded = recipes_mod.load(recipe, list(overrides))
+    run_dir = out or Path("runs") / Path(recipe).stem
+    student_dir = Trainer(loaded, run_dir).fit(resume=resume)
+    logging.getLogger("stillroom").info("student saved to %s", student_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns user errors into one line and a non-zero exit."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        get_host().add_commands(cli)
+        cli.main(args=argv, prog_name="stillroom", standalone_mode=False)
+    except StillroomError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Core: knows no particular method, exporter or runtime (plugins, export and serve build on it)."""

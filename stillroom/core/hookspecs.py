@@ -1,0 +1,57 @@
+"""The extension points of stillroom (pluggy project "stillroom").
+
+Plugins receive a `register` callback rather than returning lists, so one plugin can register zero,
+one or many things. Built-in plugins use these hooks exactly like installed ones.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("stillroom")
+hookimpl = pluggy.HookimplMarker("stillroom")
+
+
+@hookspec
+def register_methods(register):
+    """Register distillation methods: `register(MethodClass)` (a `stillroom.core.method.Method`)."""
+
+
+@hookspec
+def register_exporters(register):
+    """Register exporters: `register(name, export_fn)` for `stillroom export --to name`."""
+
+
+@hookspec
+def register_runtimes(register):
+    """Register runtimes: `register(name, runtime_factory)` used by bench and serve."""
+
+
+@hookspec
+def register_metrics(register):
+    """Register quality metrics: `register(name, metric_fn)`."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the `stillroom` click group."""
+
+
+@hookspec
+def on_train_start(run):
+    """Called once before the first step, with the `stillroom.core.trainer.Run`."""
+
+
+@hookspec
+def on_step_end(run, step, metrics):
+    """Called after every optimizer step with the step number and its logged metrics."""
+
+
+@hookspec
+def on_checkpoint(run, step, path):
+    """Called after a checkpoint directory has been written and renamed into place."""
+
+
+@hookspec
+def on_train_end(run, student_dir):
+    """Called after the final student has been saved."""

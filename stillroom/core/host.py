@@ -1,0 +1,205 @@
+"""The plugin host: one pluggy PluginManager holding the built-in and the installed plugins.
+
+Plugins are modules named by entry points in the group ``stillroom``. stillroom's own plugins are
+declared in its pyproject.toml exactly like a third-party package declares its own, so the built-ins
+are the reference for the API. ``STILLROOM_PLUGINS=a,b`` restricts which *installed* (non built-in)
+plugins load; built-ins always load. A plugin that fails to import, or raises while registering, is
+recorded with its error and skipped: the others keep working and ``stillroom plugins`` shows why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from stillroom.core import hookspecs
+from stillroom.core.errors import StillroomError
+
+log = logging.getLogger(__name__)
+
+GROUP = "stillroom"
+BUILTIN_DIST = "stillroom"
+KINDS = ("methods", "exporters", "runtimes", "metrics")
+
+
+@dataclass
+class PluginInfo:
+    """What `stillroom plugins --json` reports for one plugin."""
+
+    name: str
+    version: str | None
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    exporters: list[str] = field(default_factory=list)
+    runtimes: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "builtin": self.builtin,
+            "hooks": self.hooks,
+            "methods": self.methods,
+            "exporters": self.exporters,
+            "runtimes": self.runtimes,
+            "metrics": self.metrics,
+            "error": self.error,
+        }
+
+
+def _error_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+class Host:
+    """Loads plugins once and answers: which methods, exporters, runtimes and metrics exist."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        allowed = os.environ.get("STILLROOM_PLUGINS")
+        allow = {n.strip() for n in allowed.split(",") if n.strip()} if allowed is not None else None
+        eps = sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
+        for ep in eps:
+            dist = ep.dist.name if ep.dist is not None else None
+            builtin = dist == BUILTIN_DIST
+            if not builtin and allow is not None and ep.name not in allow:
+                continue
+            if ep.name in self.plugins:
+                continue
+            info = PluginInfo(ep.name, ep.dist.version if ep.dist else None, builtin)
+            self.plugins[ep.name] = info
+            try:
+                module = importlib.import_module(ep.value)
+                self.pm.register(module, name=ep.name)
+            except Exception as err:  # a broken plugin must not take the others down
+                info.error = _error_line(err)
+                log.warning("plugin %s failed to load: %s", ep.name, info.error)
+                continue
+            info.hooks = self._hooks_of(module)
+
+    def register(self, module: Any, name: str) -> None:
+        """Register an in-process plugin module (tests and embedding applications)."""
+        self.pm.register(module, name=name)
+        self.plugins[name] = PluginInfo(name, None, False, hooks=self._hooks_of(module))
+        self.__dict__.pop("registry", None)
+
+    def _hooks_of(self, module: Any) -> list[str]:
+        return sorted(caller.name for caller in self.pm.get_hookcallers(module) or [])
+
+    @cached_property
+    def registry(self) -> dict[str, dict[str, Any]]:
+        """Calls every `register_*` hook, one plugin at a time so a failure is attributed."""
+        tables: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        for kind in KINDS:
+            caller = getattr(self.pm.hook, f"register_{kind}")
+            for impl in reversed(caller.get_hookimpls()):
+                info = self.plugins.get(impl.plugin_name)
+                names: list[str] = []
+
+                def register(*args: Any, _kind: str = kind, _names: list[str] = names) -> None:
+                    name, obj = _registration(_kind, args)
+                    tables[_kind][name] = obj
+                    _names.append(name)
+
+                try:
+                    impl.function(register=register)
+                except Exception as err:
+                    for name in names:
+                        tables[kind].pop(name, None)
+                    if info is not None:
+                        info.error = f"register_{kind}: {_error_line(err)}"
+                    log.warning("plugin %s failed in register_%s: %s", impl.plugin_name, kind, err)
+                    continue
+                if info is not None:
+                    getattr(info, kind).extend(names)
+        return tables
+
+    def method(self, name: str) -> type:
+        return self._lookup("methods", name, "method")
+
+    def exporter(self, name: str) -> Callable[..., Any]:
+        return self._lookup("exporters", name, "exporter")
+
+    def runtime(self, name: str) -> Callable[..., Any]:
+        return self._lookup("runtimes", name, "runtime")
+
+    def _lookup(self, kind: str, name: str, noun: str) -> Any:
+        table = self.registry[kind]
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise StillroomError(
+                f"unknown {noun} '{name}'",
+                f"available: {known}; `stillroom plugins` shows what is installed",
+            )
+        return table[name]
+
+    def add_commands(self, cli: Any) -> None:
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as err:
+                info = self.plugins.get(impl.plugin_name)
+                if info is not None:
+                    info.error = f"register_commands: {_error_line(err)}"
+                log.warning("plugin %s failed in register_commands: %s", impl.plugin_name, err)
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        """Run a lifecycle hook; a plugin that raises stops the run with its name."""
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except StillroomError:
+                raise
+            except Exception as err:
+                raise StillroomError(
+                    f"plugin '{impl.plugin_name}' failed in {hook}: {_error_line(err)}",
+                    "fix or uninstall the plugin, or exclude it with STILLROOM_PLUGINS",
+                ) from err
+
+    def infos(self) -> list[PluginInfo]:
+        self.registry  # noqa: B018 - fills the per-plugin registration lists
+        return sorted(self.plugins.values(), key=lambda p: (not p.builtin, p.name))
+
+
+def _registration(kind: str, args: tuple[Any, ...]) -> tuple[str, Any]:
+    if kind == "methods":
+        (cls,) = args
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"method class {cls!r} has no `name`")
+        return name, cls
+    name, obj = args
+    return str(name), obj
+
+
+_HOST: Host | None = None
+
+
+def get_host() -> Host:
+    """The process-wide host (plugins are loaded on first use)."""
+    global _HOST
+    if _HOST is None:
+        _HOST = Host()
+    return _HOST
+
+
+def reset_host() -> None:
+    """Forget the loaded plugins (tests that change entry points or STILLROOM_PLUGINS)."""
+    global _HOST
+    _HOST = None

@@ -1,0 +1,226 @@
+"""Recipes: YAML files that say what to distill, how, and what to do with the result.
+
+A recipe has the sections ``method`` (``name`` plus that method's own hyper-parameters),
+``teacher``, ``student``, ``data``, ``train``, ``export`` and ``bench``. ``train`` belongs to the
+trainer; ``method``, ``teacher``, ``student`` and ``data`` are validated by the models the chosen
+method declares, so every key anywhere is checked. A bad key ends in one line naming its dotted path
+and the keys that are accepted there. ``KEY=VALUE`` overrides use the same dotted paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stillroom.core.errors import StillroomError
+
+SECTIONS = ("description", "method", "teacher", "student", "data", "train", "export", "bench")
+RECIPES_PACKAGE = "stillroom.recipes"
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, gt=0, description="optimizer steps of the student")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    clip_grad: float | None = Field(1.0, gt=0)
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the student; saved student is the EMA")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    tensorboard: bool = True
+
+
+class ExportConfig(Section):
+    to: Literal["onnx", "tensorrt", "triton"] = "onnx"
+    opset: int | None = None
+    int8: bool = False
+    fp16: bool = False
+    steps: int | None = None
+
+
+class BenchConfig(Section):
+    runtimes: list[str] = ["onnxruntime"]
+    batch: list[int] = [1]
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(10, gt=0)
+
+
+class Recipe(BaseModel):
+    """A validated recipe. ``method``/``teacher``/``student``/``data`` are the method's models."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    description: str = ""
+    method_name: str
+    method: Any
+    teacher: Any
+    student: Any
+    data: Any
+    train: TrainConfig
+    export: ExportConfig
+    bench: BenchConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"description": self.description}
+        out["method"] = {"name": self.method_name, **_dump(self.method)}
+        for key in ("teacher", "student", "data", "train", "export", "bench"):
+            out[key] = _dump(getattr(self, key))
+        return out
+
+
+def _dump(section: Any) -> dict[str, Any]:
+    return section.model_dump(mode="json") if isinstance(section, BaseModel) else dict(section or {})
+
+
+def load_yaml(source: str | Path) -> dict[str, Any]:
+    """Reads a recipe file, or a recipe shipped with the package when `source` is a bare name."""
+    path = Path(source)
+    if not path.exists() and not path.suffix:
+        shipped = named_recipes()
+        if str(source) in shipped:
+            path = shipped[str(source)]
+        else:
+            raise StillroomError(
+                f"no recipe file or named recipe '{source}'",
+                f"named recipes: {', '.join(sorted(shipped)) or 'none'} (see `stillroom recipes`)",
+            )
+    if not path.is_file():
+        raise StillroomError(f"recipe file '{path}' does not exist", "check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise StillroomError(f"recipe '{path}' is not valid YAML{where}", "fix the syntax") from err
+    except UnicodeDecodeError as err:
+        raise StillroomError(f"recipe '{path}' is not UTF-8 text", "save it as UTF-8") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StillroomError(f"recipe '{path}' must be a mapping of sections", f"sections: {', '.join(SECTIONS)}")
+    return data
+
+
+def named_recipes() -> dict[str, Path]:
+    """Recipes shipped in `stillroom/recipes/`, by file stem."""
+    from importlib import resources
+
+    root = resources.files(RECIPES_PACKAGE)
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise StillroomError(f"override '{item}' is not KEY=VALUE", "write e.g. train.steps=100")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise StillroomError(f"override key '{key}' is not a dotted path", "write e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise StillroomError(f"override '{key}': '{where}' is a value, not a section", "use its full path")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
+    """Validates every section; `method_cls` defaults to the method named in the recipe."""
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise StillroomError(
+            f"recipe key '{unknown[0]}' is not accepted", f"accepted: {', '.join(SECTIONS)}"
+        )
+    method_section = data.get("method") or {}
+    if not isinstance(method_section, dict):
+        raise StillroomError("recipe key 'method' must be a section with a 'name'", "e.g. method: {name: kd}")
+    name = method_section.get("name")
+    if method_cls is None:
+        if not name:
+            raise StillroomError("recipe has no 'method.name'", "set method.name, e.g. method.name=kd")
+        from stillroom.core.host import get_host
+
+        method_cls = get_host().method(str(name))
+    params = {k: v for k, v in method_section.items() if k != "name"}
+    sections: dict[str, Any] = {
+        "method": _section("method", method_cls.Params, params),
+        "teacher": _section("teacher", method_cls.Teacher, data.get("teacher")),
+        "student": _section("student", method_cls.Student, data.get("student")),
+        "data": _section("data", method_cls.Data, data.get("data")),
+        "train": _section("train", TrainConfig, data.get("train")),
+        "export": _section("export", ExportConfig, data.get("export")),
+        "bench": _section("bench", BenchConfig, data.get("bench")),
+    }
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise StillroomError("recipe key 'description' must be text", "quote it")
+    return Recipe(description=description, method_name=method_cls.name, **sections)
+
+
+def _section(prefix: str, model: type[BaseModel], value: Any) -> BaseModel:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise StillroomError(f"recipe key '{prefix}' must be a section (a mapping)", _accepted(model))
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        dotted = ".".join([prefix, *loc])
+        if first["type"] == "extra_forbidden":
+            raise StillroomError(
+                f"recipe key '{dotted}' is not accepted", _accepted(_model_at(model, loc[:-1]))
+            ) from None
+        raise StillroomError(f"recipe key '{dotted}': {first['msg']}", f"got {first.get('input')!r}") from None
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
+
+
+def _accepted(model: type[BaseModel]) -> str:
+    keys = ", ".join(model.model_fields) or "none"
+    return f"accepted: {keys}"
+
+
+def load(source: str | Path, overrides: list[str] | None = None, method_cls: type | None = None) -> Recipe:
+    """Load, override and validate a recipe in one call (what `stillroom distill` does)."""
+    return validate(apply_overrides(load_yaml(source), overrides or []), method_cls)
