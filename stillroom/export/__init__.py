@@ -1,0 +1,1 @@
+"""Exporters: ONNX (generators, KV-cache LMs), TensorRT engines, Triton repositories."""

@@ -1,0 +1,1 @@
+"""Built-in diffusion step-distillation methods (registered through the ``stillroom`` entry point)."""
