@@ -50,6 +50,26 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def gather(obj):
+    """Every rank's ``obj`` as a list (just ``[obj]`` when not distributed)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def checksum(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers: equal on every rank iff the replicas agree."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

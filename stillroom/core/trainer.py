@@ -336,6 +336,10 @@ class Trainer:
 
     def _finish(self, run: Run, method: Method, student: torch.nn.Module, writer) -> Path:
         final = self._evaluate(method, student)
+        replicas = distributed.gather(distributed.checksum(student))
+        if len(set(replicas)) > 1:
+            raise StillroomError(f"the {len(replicas)} processes ended with different student weights",
+                                 "report this as a bug; the student was not saved")
         student_dir = self.run_dir / "student"
         if self.rank == 0:
             with atomic_dir(student_dir) as tmp:
@@ -348,6 +352,7 @@ class Trainer:
                 "method": method.name,
                 "steps": run.step,
                 "world_size": self.world_size,
+                "replica_checksums": replicas,
                 "device": str(self.device),
                 "student": "student",
                 "final_eval": final,
