@@ -173,7 +173,7 @@ class Trainer:
         run = Run(self.recipe, self.run_dir, method, roles, 0, self.rank, self.world_size)
         modules = self._checkpoint_modules(roles, ema)
 
-        if resume:
+        if resume and latest:
             optim_state, state = checkpoint.load(latest[-1], modules)
             for name, opt in optims.items():
                 opt.load_state_dict(optim_state["optimizers"][name])
@@ -183,6 +183,9 @@ class Trainer:
             self._truncate_metrics(run.step)
             log.info("resumed from %s at step %d", latest[-1].name, run.step)
         elif self.rank == 0:
+            if resume:
+                log.info("no checkpoint was written before the run stopped: starting it again from step 0")
+                self._truncate_metrics(0)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
 
@@ -216,10 +219,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool, latest: list[Path]) -> None:
         if resume:
-            if not latest:
+            saved = self.run_dir / "recipe.yaml"
+            if not latest and not saved.is_file():
                 raise StillroomError(f"nothing to resume in '{self.run_dir}': it has no complete checkpoint",
                                      "run without --resume to start a new run")
-            saved = self.run_dir / "recipe.yaml"
             if saved.is_file() and yaml.safe_load(saved.read_text()) != _plain(self.recipe.to_dict()):
                 raise StillroomError(f"'{self.run_dir}' was started with a different recipe",
                                      "resume with the same recipe and overrides, or choose another --out")

@@ -44,6 +44,22 @@ def kill_at(recipe: Path, out: Path, step: int) -> None:
     proc.wait()
 
 
+def kill_during_checkpoint_write(recipe: Path, out: Path) -> None:
+    """Kills the moment a checkpoint's temporary directory exists (a write is in progress)."""
+    proc = distill(recipe, out)
+    ckpts = out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if any(name.endswith(".tmp") for name in os.listdir(ckpts)):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        except FileNotFoundError:
+            pass
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before a checkpoint write was caught"
+
+
 def weights(student: Path) -> dict[str, torch.Tensor]:
     return load_file(student / "model.safetensors")
 
@@ -61,11 +77,14 @@ def reference(tmp_path_factory, tiny_teacher, corpus_dir):
     return recipe, weights(root / "run" / "student")
 
 
-@pytest.mark.parametrize("kill_step", [7])
+@pytest.mark.parametrize("kill_step", [1, 7, 12, 19, "checkpoint-write"])
 def test_kill9_then_resume_is_bitwise_identical(tmp_path, reference, kill_step):
     recipe, expected = reference
     out = tmp_path / "run"
-    kill_at(recipe, out, kill_step)
+    if kill_step == "checkpoint-write":
+        kill_during_checkpoint_write(recipe, out)
+    else:
+        kill_at(recipe, out, kill_step)
     assert not (out / "student").exists()
     proc = distill(recipe, out, "--resume")
     assert proc.wait() == 0, proc.stderr.read()
