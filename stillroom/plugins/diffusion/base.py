@@ -1,0 +1,276 @@
+"""What every step-distillation method shares: teacher/student/data sections, roles, data, the
+student's sampler, evaluation and saving. A concrete method writes its ``loss`` and its schedule.
+
+The student starts as a copy of the teacher's UNet. Batches are dicts
+
+    {"x0": clean images or VAE latents [B, C, H, W] (None for prompt-only data),
+     "cond": UNet kwargs of the condition, "uncond": UNet kwargs of the unconditional input}
+
+and every method samples with the same ``FewStepGenerator`` the export unrolls, so training and
+deployment use one set of equations.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from stillroom.core import diffusion_models as dm
+from stillroom.core import generator as gen
+from stillroom.core.errors import StillroomError
+from stillroom.core.method import Method, Params, Role
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionTeacher(Params):
+    path: str = Field("embedded:mnist_teacher", description="diffusers directory, embedded:NAME or hub id")
+    guidance: float | None = Field(2.0, ge=1, description="teacher CFG scale baked into the student")
+
+
+class DiffusionStudent(Params):
+    steps: int = Field(1, ge=1, le=64, description="network evaluations of the student's sampler")
+    hybrid_teacher_steps: int = Field(0, ge=0, description="hybrid sampler: teacher steps before the student")
+    hybrid_handover: int | None = Field(
+        None, gt=0, description="hybrid: timestep where the student takes over"
+    )
+
+
+class DiffusionData(Params):
+    source: str = Field(
+        "embedded:mnist", description="embedded:mnist, image folder with captions.jsonl, .txt"
+    )
+    image_size: int | None = Field(None, gt=0, description="pixels; default: the teacher's (x VAE factor)")
+    eval_per_class: int = Field(10, ge=2, description="class-conditional evaluation: samples per class")
+    eval_seed: int = 1234
+
+
+class DiffusionParams(Params):
+    pass
+
+
+class DiffusionMethod(Method):
+    """Base of the diffusion step-distillation methods (roles: student, frozen teacher [, critic])."""
+
+    family = "generator"
+    Teacher = DiffusionTeacher
+    Student = DiffusionStudent
+    Data = DiffusionData
+    Params = DiffusionParams
+    needs_images = True
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def build(self) -> dict[str, Role]:
+        self.teacher = dm.load_teacher(self.recipe.teacher.path)
+        dev = self.ctx.device
+        for module in (self.teacher.unet, self.teacher.text_encoder, self.teacher.vae):
+            if module is not None:
+                module.to(dev)
+        self.abar = gen.alphas_cumprod(self.teacher.scheduler.config).float().to(dev)
+        self.T = int(self.abar.numel())
+        self.uncond_embedding = None
+        if self.teacher.conditioning == "text":
+            self.uncond_embedding = dm.encode_prompts(self.teacher.text_encoder, self.teacher.tokenizer, [""])
+        self.student = self.make_student()
+        roles = {"student": Role(self.student), "teacher": Role(self.teacher.unet, trainable=False)}
+        roles.update(self.extra_roles())
+        return roles
+
+    def make_student(self) -> torch.nn.Module:
+        student = copy.deepcopy(self.teacher.unet)
+        student.requires_grad_(True).train()
+        return student
+
+    def extra_roles(self) -> dict[str, Role]:
+        return {}
+
+    # -- data ------------------------------------------------------------------------------------
+    def image_size(self) -> int:
+        if self.recipe.data.image_size:
+            return self.recipe.data.image_size
+        factor = 1
+        if self.teacher.vae is not None:
+            factor = 2 ** (len(self.teacher.vae.config.block_out_channels) - 1)
+        return self.teacher.image_size * factor
+
+    def dataset(self):
+        from stillroom.core.image_data import Prompts, load_image_dataset
+
+        channels = (
+            self.teacher.vae.config.in_channels if self.teacher.vae is not None else self.teacher.channels
+        )
+        data = load_image_dataset(self.recipe.data.source, self.image_size(), channels)
+        if self.needs_images and isinstance(data, Prompts):
+            raise StillroomError(
+                f"method '{self.name}' trains on images but data.source is a prompt file",
+                "give an image folder with captions.jsonl",
+            )
+        return data
+
+    def collate(self, items: list[tuple[Any, Any]]) -> dict[str, Any]:
+        images = [x for x, _ in items]
+        x0 = None
+        if images[0] is not None:
+            x0 = torch.stack(images).to(self.ctx.device)
+            if self.teacher.vae is not None:
+                with torch.no_grad():
+                    x0 = (
+                        self.teacher.vae.encode(x0).latent_dist.sample()
+                        * self.teacher.vae.config.scaling_factor
+                    )
+        cond, uncond = self.condition([c for _, c in items])
+        return {"x0": x0, "cond": cond, "uncond": uncond}
+
+    def condition(self, conds: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """UNet kwargs of the conditions (class indices or prompts) and of the unconditional input."""
+        kind = self.teacher.conditioning
+        if kind == "class":
+            labels = torch.tensor([int(c) for c in conds], dtype=torch.long, device=self.ctx.device)
+            return dm.class_cond(labels, self.teacher.null_class)
+        if kind == "text":
+            emb = dm.encode_prompts(
+                self.teacher.text_encoder, self.teacher.tokenizer, [str(c) for c in conds]
+            )
+            return {"encoder_hidden_states": emb}, {
+                "encoder_hidden_states": self.uncond_embedding.expand_as(emb)
+            }
+        return {}, {}
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        for value in (batch["x0"], *batch["cond"].values()):
+            if value is not None:
+                return int(value.shape[0])
+        raise StillroomError("an unconditional prompt-free batch has no size", "give images in data.source")
+
+    # -- diffusion helpers -------------------------------------------------------------------------
+    def coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) shaped [B, 1, 1, 1]; t = -1 is the clean end."""
+        ab = torch.where(t < 0, torch.ones_like(t, dtype=self.abar.dtype), self.abar[t.clamp(min=0)])
+        return ab.sqrt().view(-1, 1, 1, 1), (1 - ab).sqrt().view(-1, 1, 1, 1)
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a, s = self.coeffs(t)
+        return a * x0 + s * eps
+
+    def x0_eps(self, unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance=None):
+        """(x0, eps) predicted by ``unet`` at (x, t), with CFG when ``guidance`` is given."""
+        out = dm.cfg_output(unet, x, t, cond, uncond or cond, guidance)
+        a, s = self.coeffs(t)
+        return gen.to_x0_eps(out, x, a, s, self.teacher.prediction)
+
+    def noise_shape(self, b: int) -> tuple[int, ...]:
+        size = self.teacher.image_size
+        return (b, self.teacher.channels, size, size)
+
+    def generator(
+        self, unet: torch.nn.Module | None = None, sampler: dict | None = None
+    ) -> gen.FewStepGenerator:
+        """The student's sampler around ``unet`` (the live student by default), without VAE decoding."""
+        sampler = dict(sampler or self.sampler())
+        sampler["hybrid"] = None
+        return gen.FewStepGenerator(
+            unet if unet is not None else self.student, sampler, self.abar, self.uncond_embedding
+        )
+
+    def student_sample(self, batch: dict[str, Any], k: int | None = None):
+        """A sample of the student's sampler with *backward simulation* (DMD2, Yin et al. 2024):
+
+        the state fed to step ``k`` (random when None) is produced by running the student's own first
+        k steps without gradient, so a K-step student trains on its own intermediate states. Returns
+        (x0_hat with gradient, k).
+        """
+        g = self.generator()
+        b = self.batch_size(batch)
+        x = torch.randn(self.noise_shape(b), device=self.ctx.device)
+        if k is None:
+            k = int(torch.randint(0, g.steps, ()).item())
+        cond = batch["cond"]
+        labels, hidden = cond.get("class_labels"), cond.get("encoder_hidden_states")
+        with torch.no_grad():
+            for j in range(k):
+                x0, eps = g.denoise(j, x, labels, hidden)
+                x = gen.ddim_step(x0, eps, g.s_a_next[j], g.s_s_next[j])
+        x0, _ = g.denoise(k, x, labels, hidden)
+        return x0, k
+
+    # -- the student's sampler ----------------------------------------------------------------------
+    def schedule(self) -> tuple[list[int], dict[str, Any] | None]:
+        """(timesteps, boundary) of the student's sampler; default: trailing DDIM grid, no boundary."""
+        return gen.ddim_timesteps(self.teacher.scheduler.config, self.recipe.student.steps), None
+
+    def sampler(self) -> dict[str, Any]:
+        timesteps, boundary = self.schedule()
+        t = self.teacher
+        out = {
+            "steps": len(timesteps),
+            "timesteps": timesteps,
+            "guidance": None,
+            "guidance_embed": False,
+            "prediction": t.prediction,
+            "boundary": boundary,
+            "conditioning": t.conditioning,
+            "num_classes": t.num_classes,
+            "null_class": t.null_class,
+            "image_size": t.image_size,
+            "channels": t.channels,
+            "latent": t.vae is not None,
+            "hybrid": None,
+        }
+        spec = self.recipe.student
+        if spec.hybrid_teacher_steps:
+            handover = spec.hybrid_handover or (timesteps[1] if len(timesteps) > 1 else int(0.75 * self.T))
+            out = gen.with_hybrid(
+                out,
+                self.recipe.teacher.path,
+                self.T,
+                spec.hybrid_teacher_steps,
+                handover,
+                self.recipe.teacher.guidance,
+                t.prediction,
+            )
+        return out
+
+    # -- evaluation and saving ----------------------------------------------------------------------
+    def evaluate(self, student: torch.nn.Module) -> dict[str, float]:
+        """Image metrics of the student's sampler on a fixed class-balanced set (MNIST-shaped teachers)."""
+        from stillroom.data import root
+
+        t = self.teacher
+        if t.conditioning != "class" or t.channels != 1 or t.image_size not in (28, 32):
+            return {}
+        if not (root() / "mnist_classifier").is_dir():
+            return {}
+        from stillroom.core.image_metrics import evaluate_images, load_classifier
+
+        n = self.recipe.data.eval_per_class
+        labels = torch.arange(t.num_classes, device=self.ctx.device).repeat_interleave(n)
+        gen_noise = torch.Generator().manual_seed(self.recipe.data.eval_seed)
+        noise = torch.randn(self.noise_shape(len(labels)), generator=gen_noise).to(self.ctx.device)
+        g = self.generator(student)
+        images = torch.cat([g(noise[i : i + 250], labels[i : i + 250]) for i in range(0, len(labels), 250)])
+        return evaluate_images(images.cpu(), labels.cpu(), load_classifier("cpu"))
+
+    def save_student(self, student: torch.nn.Module, out_dir: Path) -> None:
+        student.save_pretrained(out_dir / "unet", safe_serialization=True)
+        self.teacher.scheduler.save_pretrained(out_dir / "scheduler")
+        if self.teacher.text_encoder is not None:
+            self.teacher.text_encoder.save_pretrained(out_dir / "text_encoder", safe_serialization=True)
+            self.teacher.tokenizer.save_pretrained(out_dir / "tokenizer")
+        if self.teacher.vae is not None:
+            self.teacher.vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+
+
+def random_timesteps(b: int, low: int, high: int, device) -> torch.Tensor:
+    """Uniform integer timesteps in [low, high)."""
+    return torch.randint(low, high, (b,), device=device)
+
+
+def score_distillation_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient with respect to x0 is ``grad / x0.numel()``: 0.5 mean((x0 - sg(x0 - grad))^2)."""
+    target = (x0 - grad).detach()
+    return 0.5 * torch.nn.functional.mse_loss(x0.float(), target.float(), reduction="mean")
