@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "stillroom"
+        click.echo(f"error: {' '.join(err.format_message().split())} (see `{command} --help`)", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

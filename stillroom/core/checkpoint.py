@@ -92,8 +92,10 @@ def save(
 def load(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads weights into ``modules`` in place; returns (optimizer state, state.json)."""
     try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("not a stillroom checkpoint state")
+    except (OSError, ValueError) as err:
         raise StillroomError(f"checkpoint file '{path / 'state.json'}' is unreadable or corrupt",
                              "delete that checkpoint directory to resume from the one before") from err
     for name, module in modules.items():

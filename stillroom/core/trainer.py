@@ -223,7 +223,7 @@ class Trainer:
             if not latest and not saved.is_file():
                 raise StillroomError(f"nothing to resume in '{self.run_dir}': it has no complete checkpoint",
                                      "run without --resume to start a new run")
-            if saved.is_file() and yaml.safe_load(saved.read_text()) != _plain(self.recipe.to_dict()):
+            if saved.is_file() and _read_yaml(saved) != _plain(self.recipe.to_dict()):
                 raise StillroomError(f"'{self.run_dir}' was started with a different recipe",
                                      "resume with the same recipe and overrides, or choose another --out")
             return
@@ -434,6 +434,14 @@ class _progress_bar:
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise StillroomError(f"run file '{path}' is unreadable or corrupt",
+                             "restore it, or start a new run with another --out") from err
 
 
 def _plain(obj: Any) -> Any:
