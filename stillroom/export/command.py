@@ -1,0 +1,117 @@
+"""``stillroom export SRC --to onnx|tensorrt|triton``: the command and the registered exporters.
+
+Every exporter has the signature ``fn(src, out, **options) -> Artifact``. TensorRT and Triton start
+from an ONNX artifact: when SRC is not one already, the ONNX export (validated) is made first into
+``<out>/onnx`` and the engine or repository is built from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+def _is_artifact(path: Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def to_onnx(
+    src,
+    out,
+    *,
+    steps: int | None = None,
+    int8: bool = False,
+    fp16: bool = False,
+    opset: int | None = None,
+    optimize: bool = False,
+    **_: Any,
+):
+    from stillroom.export.source import detect
+
+    source = detect(src)
+    if source.kind == "causal-lm":
+        from stillroom.export.onnx_lm import export_causal_lm
+
+        if steps is not None:
+            log.warning("--steps applies to generators; ignored for a causal LM")
+        return export_causal_lm(src, out, opset=opset, int8=int8, fp16=fp16, optimize=optimize)
+    from stillroom.export.onnx_generator import export_generator
+
+    return export_generator(src, out, steps=steps, opset=opset, fp16=fp16, int8=int8)
+
+
+def _onnx_first(src, out: Path, **options):
+    from stillroom.core import artifact
+
+    if _is_artifact(Path(src)):
+        return artifact.load(src)
+    return to_onnx(src, Path(out) / "onnx", **options)
+
+
+def to_tensorrt(src, out, *, profile: tuple[str, ...] = (), **options):
+    from stillroom.export import tensorrt
+
+    tensorrt.require()
+    onnx_art = _onnx_first(src, out, **{k: v for k, v in options.items() if k != "int8"})
+    precision = "fp16" if options.get("fp16") else "int8" if options.get("int8") else "fp32"
+    return tensorrt.build(
+        onnx_art,
+        Path(out) / "tensorrt",
+        precision=precision,
+        profile_overrides=tensorrt.parse_profiles(profile),
+    )
+
+
+def to_triton(src, out, *, name: str | None = None, instances: int = 1, max_batch: int = 8, **options):
+    from stillroom.export import triton
+
+    source_art = _onnx_first(src, out, **options)
+    return triton.write_repository(
+        source_art, Path(out) / "triton", name=name, instances=instances, max_batch_size=max_batch
+    )
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["onnx", "tensorrt", "triton"]),
+    default="onnx",
+    show_default=True,
+    help="What to build.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
+)
+@click.option("--steps", type=int, default=None, help="Generators: re-target the sampler to K steps.")
+@click.option("--int8", is_flag=True, help="ORT dynamic int8 quantization (CPU), validated at task level.")
+@click.option("--fp16", is_flag=True, help="float16 graph (for GPUs), validated at task level.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--optimize", is_flag=True, help="Apply onnxruntime.transformers fusions (validated).")
+@click.option("--profile", multiple=True, help="TensorRT: DIM=MIN:OPT:MAX, e.g. batch_size=1:4:16.")
+@click.option("--name", default=None, help="Triton: model name (default: the output folder's name).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Triton: instances per device.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Triton: max_batch_size.")
+def export(src: Path, target: str, out: Path, **options: Any) -> None:
+    """Export SRC (a distill run, an LM directory or a generator student) as a validated artifact."""
+    from stillroom.core.host import get_host
+
+    exporter = get_host().exporter(target)
+    art = exporter(src, out, **options)
+    v = art.manifest.validation
+    summary = {k: v[k] for k in ("max_abs_diff", "tolerance", "greedy_agreement", "psnr_db") if k in v}
+    log.info(
+        "%s artifact (%s, %s, %s) written to %s; validation: %s",
+        art.kind,
+        art.manifest.format,
+        art.manifest.exporter,
+        art.manifest.precision,
+        art.root,
+        summary,
+    )
