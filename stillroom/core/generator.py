@@ -213,17 +213,16 @@ class FewStepGenerator(nn.Module):
         tt = t.expand(b)
         if not cfg:
             return _call_unet(unet, x, tt, class_labels, encoder_hidden_states, embed)
+        # Two evaluations rather than one on a doubled batch: the same arithmetic, but the exported
+        # graph keeps a symbolic batch dimension (a concatenated batch pins it to 2 under dynamo).
         if self.conditioning == "class":
             null = torch.full_like(class_labels, int(self.null_class))
-            out = _call_unet(
-                unet, torch.cat([x, x]), tt.repeat(2), torch.cat([class_labels, null]), None, None
-            )
+            cond = _call_unet(unet, x, tt, class_labels, None, None)
+            uncond = _call_unet(unet, x, tt, null, None, None)
         else:
             unc = self.uncond_embedding.to(encoder_hidden_states.dtype).expand(b, -1, -1)
-            out = _call_unet(
-                unet, torch.cat([x, x]), tt.repeat(2), None, torch.cat([encoder_hidden_states, unc]), None
-            )
-        cond, uncond = out.chunk(2)
+            cond = _call_unet(unet, x, tt, None, encoder_hidden_states, None)
+            uncond = _call_unet(unet, x, tt, None, unc, None)
         return uncond + w * (cond - uncond)
 
     def denoise(
