@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 
 import torch
@@ -17,12 +19,17 @@ def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path, ti
     ddp_recipe.write_text(yaml.safe_dump(lm_recipe(tiny_teacher, corpus_dir, steps=5, batch_size=2, lr=0.003)))
     single_recipe = tmp_path / "single.yaml"
     single_recipe.write_text(yaml.safe_dump(lm_recipe(tiny_teacher, corpus_dir, steps=5, batch_size=4, lr=0.003)))
-    ddp = subprocess.run(
+    proc = subprocess.Popen(
         [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "stillroom", "distill",
          str(ddp_recipe), "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=cli_env(), timeout=120,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), start_new_session=True,
     )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, never left behind
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["world_size"] == 2
     assert len(run["replica_checksums"]) == 2 and len(set(run["replica_checksums"])) == 1
