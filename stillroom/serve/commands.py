@@ -1,0 +1,193 @@
+"""The ``stillroom bench`` and ``stillroom serve`` commands."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stillroom.core.errors import StillroomError
+
+log = logging.getLogger("stillroom")
+
+
+def _runtime_options(
+    provider: str | None, allow_fallback: bool, threads: int | None, device: str | None, compile_: bool
+) -> dict[str, dict[str, Any]]:
+    ort: dict[str, Any] = {}
+    if provider:
+        ort["provider"] = provider
+    if allow_fallback:
+        ort["allow_fallback"] = True
+    if threads:
+        ort["intra_op_threads"] = threads
+    torch_opts: dict[str, Any] = {}
+    if device:
+        torch_opts["device"] = device
+    if compile_:
+        torch_opts["compile"] = True
+    return {"onnxruntime": ort, "torch": torch_opts}
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--teacher", help="Teacher spec (default: the teacher the artifact's student was distilled from)."
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    default=("onnxruntime",),
+    show_default=True,
+    help="Runtime(s) for the student; repeat or comma-separate (onnxruntime, torch, tensorrt).",
+)
+@click.option("--batch", "batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--new-tokens", default=32, show_default=True, type=click.IntRange(1), help="LMs: tokens per call."
+)
+@click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--samples",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Generators: images scored for quality.",
+)
+@click.option("--teacher-steps", type=click.IntRange(1), help="Diffusion teachers: DDIM steps (default 50).")
+@click.option(
+    "--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), help="onnxruntime provider."
+)
+@click.option("--allow-fallback", is_flag=True, help="Accept onnxruntime falling back to another provider.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option("--device", help="torch device (cpu, cuda, auto).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the torch runtime's models.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report directory."
+)
+def bench(
+    artifact: Path,
+    teacher: str | None,
+    runtimes: tuple[str, ...],
+    batch: str,
+    warmup: int,
+    repeats: int,
+    new_tokens: int,
+    prompt_tokens: int,
+    samples: int,
+    teacher_steps: int | None,
+    provider: str | None,
+    allow_fallback: bool,
+    threads: int | None,
+    device: str | None,
+    compile_: bool,
+    out: Path,
+) -> None:
+    """Benchmark ARTIFACT against its teacher: latency, throughput, memory and quality side by side."""
+    from stillroom.core.host import get_host
+    from stillroom.serve.bench import parse_batches, run_bench
+    from stillroom.serve.bench_plan import BenchSettings
+
+    names = [n.strip() for r in runtimes for n in r.split(",") if n.strip()]
+    for name in names:
+        get_host().runtime(name)  # unknown runtime: one clear line before any work
+    settings = BenchSettings(
+        batches=parse_batches(batch),
+        warmup=warmup,
+        repeats=repeats,
+        new_tokens=new_tokens,
+        prompt_tokens=prompt_tokens,
+        quality_samples=samples,
+    )
+    options = _runtime_options(provider, allow_fallback, threads, device, compile_)
+    teacher_options = {"steps": teacher_steps} if teacher_steps else {}
+    if device:
+        teacher_options["device"] = device
+    report = run_bench(
+        artifact,
+        out,
+        teacher=teacher,
+        runtimes=names,
+        settings=settings,
+        options=options,
+        teacher_options=teacher_options,
+    )
+    for row in report["students"]:
+        if "error" in row:
+            log.error("%s [%s]: %s", row["name"], row["runtime"], row["error"])
+    log.info("speedup p50: %s; report in %s", report.get("speedup_p50"), out / "report.html")
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--runtime", default="onnxruntime", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    envvar="STILLROOM_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or set STILLROOM_API_KEY).",
+)
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0, 10_000))
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Per-request timeout in seconds.",
+)
+@click.option("--max-tokens-limit", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--name", help="Model id in the API (default: the artifact directory name).")
+@click.option(
+    "--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), help="onnxruntime provider."
+)
+@click.option("--allow-fallback", is_flag=True)
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
+def serve(
+    artifact: Path,
+    runtime: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch: int,
+    max_wait_ms: float,
+    max_body_bytes: int,
+    timeout_s: float,
+    max_tokens_limit: int,
+    name: str | None,
+    provider: str | None,
+    allow_fallback: bool,
+    threads: int | None,
+) -> None:
+    """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching."""
+    from stillroom.core.host import get_host
+    from stillroom.serve.server.app import ServerSettings, create_app
+    from stillroom.serve.server.run import serve_forever
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach this address can use the model", host
+        )
+    options: dict[str, Any] = {"name": name or artifact.resolve().name}
+    if runtime == "onnxruntime":
+        options.update(_runtime_options(provider, allow_fallback, threads, None, False)["onnxruntime"])
+    elif provider or threads:
+        raise StillroomError("--provider/--threads apply to the onnxruntime runtime", "drop them or use it")
+    model = get_host().runtime(runtime)(str(artifact), **options)
+    settings = ServerSettings(
+        api_key=api_key,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_body_bytes=max_body_bytes,
+        request_timeout_s=timeout_s,
+        max_tokens_limit=max_tokens_limit,
+    )
+    log.info("serving %s (%s on %s) at http://%s:%d", model.name, model.kind, model.provider, host, port)
+    serve_forever(create_app(model, settings), host, port)

@@ -1,0 +1,91 @@
+"""ONNX Runtime sessions: provider choice, the active-provider check and thread counts.
+
+ORT takes a provider list in priority order and silently drops any provider it cannot start
+(missing CUDA libraries, a build without TensorRT), running on CPU instead. A benchmark or server
+that asked for CUDA and quietly measured CPU would report nonsense, so after creating the session we
+compare the provider that is actually first in ``session.get_providers()`` with the one requested
+and stop with a clear error unless fallback was explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from stillroom.core.errors import StillroomError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PRIORITY = ("tensorrt", "cuda", "cpu")
+GPU_PROVIDERS = ("tensorrt", "cuda")
+
+
+@dataclass
+class SessionOptions:
+    """How to open a session; ``provider`` is "auto", "tensorrt", "cuda" or "cpu"."""
+
+    provider: str = "auto"
+    allow_fallback: bool = False
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    device_id: int = 0
+
+
+def provider_chain(requested: str, available: list[str], allow_fallback: bool = False) -> list[str]:
+    """Short provider names to hand ORT, best first: the requested one (or all for "auto"), then CPU."""
+    if requested not in ("auto", *PRIORITY):
+        raise StillroomError(f"unknown onnxruntime provider '{requested}'", "use auto, tensorrt, cuda or cpu")
+    wanted = PRIORITY if requested == "auto" else (requested, "cpu")
+    chain = [name for name in dict.fromkeys(wanted) if PROVIDERS[name] in available]
+    if requested != "auto" and requested not in chain and allow_fallback:
+        log.warning("onnxruntime provider %s is not available; falling back to %s", requested, chain[0])
+    elif requested != "auto" and requested not in chain:
+        raise StillroomError(
+            f"onnxruntime provider '{requested}' is not available in this onnxruntime build "
+            f"(available: {', '.join(available)})",
+            "install onnxruntime-gpu (replacing onnxruntime) on a machine with a GPU, or use --provider cpu",
+        )
+    return chain
+
+
+def _provider_options(name: str, opts: SessionOptions) -> dict[str, str]:
+    if name in GPU_PROVIDERS:
+        return {"device_id": str(opts.device_id)}
+    return {}
+
+
+def open_session(path: Path, opts: SessionOptions):
+    """An ``InferenceSession`` and the short name of the provider that really runs it."""
+    import onnxruntime as ort
+
+    chain = provider_chain(opts.provider, ort.get_available_providers(), opts.allow_fallback)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if opts.intra_op_threads:
+        so.intra_op_num_threads = int(opts.intra_op_threads)
+    if opts.inter_op_threads:
+        so.inter_op_num_threads = int(opts.inter_op_threads)
+    so.log_severity_level = 3
+    providers = [(PROVIDERS[n], _provider_options(n, opts)) for n in chain]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as err:  # ORT raises its own exception types for corrupt or unsupported graphs
+        raise StillroomError(
+            f"onnxruntime cannot load '{path}': {' '.join(str(err).split())[:300]}",
+            "re-run the export, or check the onnxruntime version",
+        ) from err
+    active = next(k for k, v in PROVIDERS.items() if v == session.get_providers()[0])
+    if opts.provider != "auto" and active != opts.provider:
+        if not opts.allow_fallback:
+            raise StillroomError(
+                f"onnxruntime fell back from '{opts.provider}' to '{active}' for '{path}'",
+                "check the GPU / CUDA / TensorRT installation, or pass --allow-fallback to accept it",
+            )
+        log.warning("onnxruntime fell back from %s to %s", opts.provider, active)
+    return session, active

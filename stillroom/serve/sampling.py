@@ -1,0 +1,63 @@
+"""Next-token choice: greedy, temperature and nucleus (top-p) sampling, one row at a time.
+
+Temperature sampling draws from softmax(z / T); T = 0 means greedy (argmax z). Nucleus sampling
+("The Curious Case of Neural Text Degeneration", Holtzman et al. 2020) keeps the smallest set of
+tokens V_p whose probabilities sum to at least p,
+
+    V_p = argmin |V'|  s.t.  sum_{x in V'} P(x | x_<t) >= p,
+
+renormalises P over V_p and samples from it. Probabilities are computed in float64 so that rows
+with large logits stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    """How one row of a batch picks its tokens and when it stops."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def nucleus_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """The distribution a row samples from: softmax(logits / T) restricted to the top-p nucleus."""
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1  # smallest prefix reaching p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[:keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from a row of logits [V]."""
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    probs = nucleus_probs(logits, params.temperature, params.top_p)
+    cdf = np.cumsum(probs)  # inverse-CDF draw: the first token whose cumulative mass exceeds u
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.shape[0] - 1))
