@@ -28,16 +28,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=debug, rich_tracebacks=debug)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=debug, rich_tracebacks=debug)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
 
 
 @cli.command()
@@ -88,6 +90,18 @@ def distill(recipe: str, overrides: tuple[str, ...], out: Path | None, resume: b
     run_dir = out or Path("runs") / Path(recipe).stem
     student_dir = Trainer(loaded, run_dir).fit(resume=resume)
     logging.getLogger("stillroom").info("student saved to %s", student_dir)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+              show_default=True, help="Where runs, artifacts and the report go (re-runs reuse finished stages).")
+@click.option("--fast", is_flag=True, help="A ~2-minute smoke variant with tiny sizes (numbers not meaningful).")
+def demo(out: Path, fast: bool) -> None:
+    """Distill, export and benchmark the embedded MNIST and Shakespeare teachers; write one report."""
+    from stillroom.demo import Demo, print_summary
+
+    combined = Demo(out, fast=fast).run()
+    print_summary(combined, out)
 
 
 def main(argv: list[str] | None = None) -> None:

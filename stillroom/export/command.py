@@ -8,6 +8,7 @@ from an ONNX artifact: when SRC is not one already, the ONNX export (validated) 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ def to_triton(src, out, *, name: str | None = None, instances: int = 1, max_batc
     )
 
 
+def _remove_interrupted(out: Path) -> None:
+    """Deletes what a killed export of ``out`` left beside it: ``.OUT.*.tmp`` staging and ``.OUT.old``."""
+    parent = Path(out).parent
+    if not parent.is_dir():
+        return
+    for entry in parent.glob(f".{Path(out).name}.*"):
+        if entry.is_dir() and (entry.name.endswith(".tmp") or entry.name == f".{Path(out).name}.old"):
+            log.info("removing %s, left by an interrupted export", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -103,6 +115,7 @@ def export(src: Path, target: str, out: Path, **options: Any) -> None:
     from stillroom.core.host import get_host
 
     exporter = get_host().exporter(target)
+    _remove_interrupted(out)
     art = exporter(src, out, **options)
     v = art.manifest.validation
     summary = {k: v[k] for k in ("max_abs_diff", "tolerance", "greedy_agreement", "psnr_db") if k in v}

@@ -154,7 +154,8 @@ def export_and_validate(
     example = make(2, np.random.default_rng(0))
     args = tuple(torch.from_numpy(example[n]) for n in names)
     dynamic = dynamic or {n: {0: BATCH} for n in names}
-    exported = onnx_graph.export_module(module, args, path, names, [output], dynamic, opset=opset)
+    exported = onnx_graph.export_module(module, args, path, names, [output], dynamic, opset=opset,
+                                        optimize=False)
     result = generator_validation.compare(torch_reference(module, names), ort_util.session(path), make)
     result["exporter"] = exported.exporter
     log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})

@@ -33,6 +33,26 @@ def _json(path: Path) -> dict[str, Any]:
         ) from err
 
 
+def check_weights(root: Path) -> None:
+    """Opens the header of every ``*.safetensors`` under ``root`` so a damaged file is named up front.
+
+    safetensors refuses a header that does not parse or whose tensors do not exactly cover the file
+    (truncation, garbage, a header that lies about sizes); transformers and diffusers would raise the
+    same error as a traceback from deep inside their loaders.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(Path(root).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                fh.keys()
+        except Exception as err:  # SafetensorError, OSError, a header that is not UTF-8 JSON
+            raise StillroomError(
+                f"weights file '{path}' is damaged: {' '.join(str(err).split())[:160]}",
+                "the model directory is truncated or corrupt; re-create it (or resume the run that wrote it)",
+            ) from err
+
+
 def detect(src: str | Path) -> Source:
     root = Path(src).expanduser()
     if not root.is_dir():
@@ -57,6 +77,7 @@ def detect(src: str | Path) -> Source:
             "steps": run.get("steps"),
         }
         return found
+    check_weights(root)
     card = _json(root / "stillroom.json") if (root / "stillroom.json").is_file() else {}
     if card.get("sampler"):
         return Source(

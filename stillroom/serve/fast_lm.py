@@ -3,9 +3,14 @@
 At batch 1 a decode step reads every weight once; the runtime's job is to add nothing on top of that.
 What this engine does, each kept because it was measured to pay (``benchmarks/lm_runtime.py``):
 
-- **IOBinding, cache stays in ORT memory.** Each step's ``present.*`` outputs are left as ORT-owned
-  ``OrtValue``s (CPU or device) and bound as the next step's ``past_key_values.*``; Python never
-  converts the cache to numpy and never concatenates it.
+- **The cache stays in ORT memory.** Each step's ``present.*`` outputs stay ORT-owned ``OrtValue``s
+  and are fed back as the next step's ``past_key_values.*``; Python never converts the cache to numpy
+  and never concatenates it. On CPU this is ``run_with_ort_values`` (IOBinding cannot bind the
+  optional ``logits_to_keep`` input); on GPU providers it is IOBinding with the cache on the device.
+  Past and present do not share one buffer: the graph appends inside the attention op (the copy of
+  the cache is ~1% of the weight bytes per step at these lengths).
+- **Fused graph.** ``stillroom.export.lm_fused`` writes Llama-family decoders with ORT's fused
+  operators (~10 nodes per layer instead of ~70); the engine runs any graph with Optimum's names.
 - **Last-position logits.** Graphs exported with ``logits_to_keep`` (``stillroom.export.lm_fast_graph``)
   are asked for the last position only, in prefill and decode, so the vocabulary projection runs once
   per row per step; graphs without that input still work (the last row is sliced afterwards).
@@ -171,6 +176,8 @@ class FastLM:
         *,
         session=None,
         device_id: int = 0,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         if session is None:
             session = open_fast_session(_graph_path(artifact_or_path), threads, provider, device_id)
@@ -193,12 +200,16 @@ class FastLM:
             raise StillroomError(f"the LM graph lacks outputs {sorted(missing)}", "re-export with a KV cache")
         first = inputs[self.past_names[0]] if self.past_names else None
         self.kv_dtype = _KV_TYPES.get(first.type, np.float32) if first is not None else np.float32
-        self.kv_heads = first.shape[1] if first is not None else 0
-        self.head_dim = first.shape[3] if first is not None else 0
+        self.kv_heads = kv_heads or (first.shape[1] if first is not None else 0)
+        self.head_dim = head_dim or (first.shape[3] if first is not None else 0)
         if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
             raise StillroomError("the LM graph's cache shape has symbolic heads", "re-export the causal LM")
-        self._keep_last = np.ones(1, np.int64)
-        self._keep_all = np.zeros(1, np.int64)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._outputs = ["logits", *self.present_names]
+        self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        self._keep_all = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64))
 
     # -- LMBackend ------------------------------------------------------------------------------
     def new_cache(self, batch: int) -> FastCache:
@@ -211,18 +222,39 @@ class FastLM:
     def _run(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: FastCache, last_only: bool
     ) -> tuple[np.ndarray, FastCache]:
+        if self.device != "cpu":
+            return self._run_device(ids, mask, positions, cache)
+        ort = self._ort
+        feeds = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+        }
+        if self.has_positions:
+            feeds["position_ids"] = ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(positions, dtype=np.int64)
+            )
+        if self.has_keep:
+            feeds[LOGITS_TO_KEEP] = self._keep_last if last_only else self._keep_all
+        feeds.update(zip(self.past_names, cache.values, strict=True))
+        logits, *present = self.session.run_with_ort_values(self._outputs, feeds)
+        return logits.numpy(), FastCache(present)
+
+    def _run_device(self, ids, mask, positions, cache: FastCache) -> tuple[np.ndarray, FastCache]:
+        """GPU providers: IOBinding, cache bound on the device, logits bound to host memory.
+
+        IOBinding cannot bind the overridable ``logits_to_keep`` initializer, so on a GPU the graph
+        computes every position's logits (the default) and the loop slices the last one.
+        """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         if self.has_positions:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        if self.has_keep:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, self._keep_last if last_only else self._keep_all)
         for name, value in zip(self.past_names, cache.values, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
-            binding.bind_output(name, self.device, self.device_id if self.device != "cpu" else 0)
+            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), FastCache(present)

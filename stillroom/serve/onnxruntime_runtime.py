@@ -9,6 +9,7 @@ import numpy as np
 
 from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
+from stillroom.serve.artifact_tokenizer import load_tokenizer
 from stillroom.serve.loaded import ImageGenerator, LanguageModel
 from stillroom.serve.ort_lm import OrtCausalLM
 from stillroom.serve.ort_session import GPU_PROVIDERS, SessionOptions, open_session
@@ -69,10 +70,8 @@ def _run(session, provider: str, output: str, feeds: dict[str, np.ndarray]) -> n
 
 def _prompt_encoder(art: artifacts.Artifact, opts: SessionOptions):
     """Text-conditional artifacts: tokenizer + ``text_encoder`` graph -> encoder_hidden_states."""
-    from transformers import AutoTokenizer
-
     session, active = open_session(art.graph("text_encoder"), opts)
-    tokenizer = AutoTokenizer.from_pretrained(str(art.path(art.manifest.tokenizer)))
+    tokenizer = load_tokenizer(art.path(art.manifest.tokenizer))
     spec = session.get_inputs()[0]
     length = spec.shape[1] if isinstance(spec.shape[1], int) else tokenizer.model_max_length
     output = session.get_outputs()[0].name
@@ -102,11 +101,9 @@ def _context_length(source: dict[str, Any]) -> int | None:
 
 
 def _tokenizer(art: artifacts.Artifact):
-    from transformers import AutoTokenizer
-
     if not art.manifest.tokenizer:
         raise StillroomError(f"causal-LM artifact '{art.root}' has no tokenizer", "re-run the export")
-    tok = AutoTokenizer.from_pretrained(str(art.path(art.manifest.tokenizer)))
+    tok = load_tokenizer(art.path(art.manifest.tokenizer))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

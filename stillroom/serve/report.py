@@ -223,31 +223,39 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def html_page(report: dict[str, Any], md_table: str, grids: dict[str, bytes]) -> str:
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>stillroom bench</title><style>",
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}",
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
-        f"<h1>stillroom bench: {html.escape(report['kind'])}</h1>",
-    ]
-    table = [line for line in md_table.splitlines() if line.startswith("|")]
-    if table:
-        parts.append("<table>")
-        for i, line in enumerate(table):
-            if i == 1:
-                continue
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            tag = "th" if i == 0 else "td"
-            parts.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-        parts.append("</table>")
+PAGE_HEAD = (
+    "<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+    "body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}"
+    "td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}img{{max-width:100%}}</style></head><body>"
+)
+
+
+def html_table(md_table: str) -> str:
+    """A markdown pipe table as an HTML table."""
+    rows = [line for line in md_table.splitlines() if line.startswith("|")]
+    parts = ["<table>"]
+    for i, line in enumerate(rows):
+        if i == 1:
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        tag = "th" if i == 0 else "td"
+        parts.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts) if rows else ""
+
+
+def html_section(report: dict[str, Any], md_table: str, grids: dict[str, bytes], level: int = 1) -> str:
+    """One report's tables, plots, samples/continuations, as HTML (no page wrapper)."""
+    h, h2 = f"h{level}", f"h{level + 1}"
+    parts = [f"<{h}>stillroom bench: {html.escape(report['kind'])}</{h}>", html_table(md_table)]
     parts.append(f"<p>Speedup p50: {html.escape(_fmt(report.get('speedup_p50')))}x</p>")
-    parts += ["<h2>Latency</h2>", _img(latency_plot(report), "latency")]
+    parts += [f"<{h2}>Latency</{h2}>", _img(latency_plot(report), "latency")]
     qp = quality_plot(report)
     if qp:
-        parts += ["<h2>Quality vs latency</h2>", _img(qp, "quality vs latency")]
+        parts += [f"<{h2}>Quality vs latency</{h2}>", _img(qp, "quality vs latency")]
     if report["kind"] == "causal-lm":
         parts.append(
-            "<h2>Continuations</h2><table><tr><th>model</th><th>prompt</th><th>continuation</th></tr>"
+            f"<{h2}>Continuations</{h2}><table><tr><th>model</th><th>prompt</th><th>continuation</th></tr>"
         )
         for r in _unique_models(report):
             for c in r.get("continuations") or []:
@@ -257,11 +265,18 @@ def html_page(report: dict[str, Any], md_table: str, grids: dict[str, bytes]) ->
                 )
         parts.append("</table>")
     else:
-        parts.append("<h2>Samples</h2>")
+        parts.append(f"<{h2}>Samples</{h2}>")
         for label, png in grids.items():
-            parts += [f"<h3>{html.escape(label)}</h3>", _img(png, label)]
-    parts.append("<h2>Machine</h2><pre>" + html.escape(_pretty(report["machine"])) + "</pre></body></html>")
+            parts += [f"<h{level + 2}>{html.escape(label)}</h{level + 2}>", _img(png, label)]
     return "\n".join(parts)
+
+
+def html_page(report: dict[str, Any], md_table: str, grids: dict[str, bytes]) -> str:
+    return "\n".join([
+        PAGE_HEAD.format(title="stillroom bench"),
+        html_section(report, md_table, grids),
+        "<h2>Machine</h2><pre>" + html.escape(_pretty(report["machine"])) + "</pre></body></html>",
+    ])
 
 
 def _pretty(obj: Any) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
+from stillroom.serve.artifact_tokenizer import load_tokenizer
 from stillroom.serve.loaded import ImageGenerator, LanguageModel
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -140,9 +141,7 @@ def load_tensorrt(target: str | Path, name: str | None = None) -> LanguageModel 
     label = name or Path(target).name
     info = {"artifact": str(target), "precision": art.manifest.precision}
     if art.kind == "causal-lm":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(art.path(art.manifest.tokenizer)))
+        tok = load_tokenizer(art.path(art.manifest.tokenizer))
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return LanguageModel(

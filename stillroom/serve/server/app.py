@@ -37,6 +37,8 @@ from stillroom.serve.server.schemas import ChatRequest, CompletionRequest, Image
 
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED = 499
+
 
 @dataclass
 class ServerSettings:
@@ -54,8 +56,10 @@ async def parse(request: Request, schema: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        # lone surrogates ("\ud800") are valid JSON escapes but not text: tokenizers cannot encode them
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # bad JSON / UTF-8, 4300+ digit ints, lone surrogates, deep nesting
+        raise ApiError(400, "the request body is not valid JSON (UTF-8 text)", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -69,7 +73,7 @@ def check_model(requested: str | None, name: str) -> None:
     if requested is not None and requested != name:
         raise ApiError(
             404,
-            f"the model '{requested}' does not exist; this server serves '{name}'",
+            f"the model '{' '.join(requested.split())[:100]}' does not exist; this server serves '{name}'",
             param="model",
             code="model_not_found",
         )
@@ -86,7 +90,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = None
         endpoint = scope["path"] if scope["path"] in self.routes else "other"
 
         async def wrapped(message):
@@ -97,8 +101,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, wrapped)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
-            self.metrics.request(endpoint, status, time.perf_counter() - start)
+            # no response and no error: the client hung up first (499, "client closed request")
+            self.metrics.request(endpoint, status or CLIENT_CLOSED, time.perf_counter() - start)
 
 
 # -- LM routes ----------------------------------------------------------------------------------------
