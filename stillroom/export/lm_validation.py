@@ -37,6 +37,9 @@ VARIANT_THRESHOLDS = {
     # relative perplexity increase allowed, minimum position-wise greedy agreement with fp32 PyTorch
     "int8": {"max_ppl_rel_increase": 0.10, "min_greedy_agreement": 0.70},
     "fp16": {"max_ppl_rel_increase": 0.01, "min_greedy_agreement": 0.90},
+    # weight-only MatMulNBits (block 32, symmetric); measured on the embedded teacher: see benchmarks
+    "int8-wo": {"max_ppl_rel_increase": 0.02, "min_greedy_agreement": 0.90},
+    "int4-wo": {"max_ppl_rel_increase": 0.10, "min_greedy_agreement": 0.70},
 }
 PROMPT_LINES = 4
 BLOCK, BLOCKS = 64, 4
@@ -150,8 +153,12 @@ def _nll(logits: np.ndarray, blocks: np.ndarray) -> float:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def logits_check(model, lm: OrtLM, rng: np.random.Generator) -> dict[str, float]:
-    """Worst |ort - torch| over prefill (past 0), chunk-on-cache and decode, at valid positions."""
+def logits_check(model, lm: OrtLM, rng: np.random.Generator, chunked: bool = True) -> dict[str, float]:
+    """Worst |ort - torch| over prefill (past 0), chunk-on-cache and decode, at valid positions.
+
+    ``chunked=False`` (graphs built on ORT's GroupQueryAttention, which refuses a multi-token chunk on
+    top of a cache when batch > 1) checks the chunk-on-cache shape at batch 1 only.
+    """
     vocab = lm.geometry.vocab_size
     worst, worst_allowed, ratio = 0.0, 0.0, 0.0
     for batch in BATCH_SIZES:
@@ -162,8 +169,12 @@ def logits_check(model, lm: OrtLM, rng: np.random.Generator) -> dict[str, float]
             mask[0, :2] = 0  # left padding on the first row
         ref = torch_logits(model, ids, mask)
         full, _ = lm.step(ids, mask, lm.empty_past(batch))
-        head, past = lm.step(ids[:, :cut], mask[:, :cut], lm.empty_past(batch))
-        chunk, past = lm.step(ids[:, cut:-1], mask[:, :-1], past)
+        if chunked or batch == 1:
+            head, past = lm.step(ids[:, :cut], mask[:, :cut], lm.empty_past(batch))
+            chunk, past = lm.step(ids[:, cut:-1], mask[:, :-1], past)
+        else:
+            head, past = lm.step(ids[:, :-1], mask[:, :-1], lm.empty_past(batch))
+            chunk = head[:, :0]
         last, _ = lm.step(ids[:, -1:], mask, past)
         pieces = np.concatenate([head, chunk, last], axis=1)
         valid = mask.astype(bool)
@@ -201,7 +212,9 @@ def perplexity(model, lm: OrtLM | None, blocks: np.ndarray) -> float:
     return math.exp(_nll(logits, blocks))
 
 
-def validate(model, sess, tokenizer, precision: str = "fp32", seed: int = 0) -> dict[str, Any]:
+def validate(
+    model, sess, tokenizer, precision: str = "fp32", seed: int = 0, chunked: bool = True
+) -> dict[str, Any]:
     """All checks for one graph; ``passed`` says whether the graph may be shipped."""
     geometry = CacheGeometry.of(model.config)
     lm = OrtLM(sess, geometry)
@@ -216,7 +229,8 @@ def validate(model, sess, tokenizer, precision: str = "fp32", seed: int = 0) -> 
         "rtol": RTOL,
         "atol": ATOL,
     }
-    result.update(logits_check(model, lm, rng))
+    result.update(logits_check(model, lm, rng, chunked))
+    result["chunked_prefill_checked"] = "all batch sizes" if chunked else "batch 1"
     greedy, _ = greedy_check(model, lm, seqs, pad_id)
     result.update(greedy)
     ppl_ref, ppl = perplexity(model, None, blocks), perplexity(model, lm, blocks)

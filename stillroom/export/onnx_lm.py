@@ -6,6 +6,12 @@ dynamo exporter from batch-2 examples (dynamo specialises sizes 0 and 1; the pas
 declared with minimum 0 so a prefill feeds an empty cache). The fp32 graph must pass
 ``lm_validation`` before anything else happens; ``optimize`` / ``int8`` / ``fp16`` variants are
 derived from it and validated again. The tokenizer is saved into ``tokenizer/``.
+
+``fused=True`` (Llama / Mistral / Qwen2) writes the graph with ORT's fused decoder operators instead
+(``lm_fused``; same names, validated with the same fp32 checks); ``last_logits=True`` adds the
+optional ``logits_to_keep`` input to the dynamo graph (``lm_fast_graph``; the fused graph has it).
+``weight_only="int4" | "int8"`` then stores the MatMul weights for ``MatMulNBits`` (``quantize_lm``)
+and validates the result with the task-level thresholds of ``lm_validation``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from stillroom.core import artifact
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
-from stillroom.export import lm_validation, onnx_graph, ort_util, staging, variants
+from stillroom.export import lm_fast_graph, lm_fused, lm_validation, onnx_graph, ort_util, staging, variants
 from stillroom.export.kv_cache_lm import CacheGeometry, KVCacheLM
 from stillroom.export.source import detect
 
@@ -62,8 +68,8 @@ def export_lm_graph(model, path: Path, opset: int | None = None) -> onnx_graph.E
     )
 
 
-def _check(model, tokenizer, graph: Path, precision: str, what: str) -> dict:
-    result = lm_validation.validate(model, ort_util.session(graph), tokenizer, precision)
+def _check(model, tokenizer, graph: Path, precision: str, what: str, chunked: bool = True) -> dict:
+    result = lm_validation.validate(model, ort_util.session(graph), tokenizer, precision, chunked=chunked)
     log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
     if not result["passed"]:
         raise staging.validation_failed(what, result)
@@ -78,10 +84,19 @@ def export_causal_lm(
     int8: bool = False,
     fp16: bool = False,
     optimize: bool = False,
+    fused: bool = False,
+    last_logits: bool = False,
+    weight_only: str | None = None,
 ) -> artifact.Artifact:
     """Exports and validates; the artifact at ``out_dir`` exists (with its manifest) only on success."""
-    if int8 and fp16:
-        raise StillroomError("--int8 and --fp16 are exclusive", "export one variant per artifact")
+    if sum(map(bool, (int8, fp16, weight_only))) > 1:
+        raise StillroomError(
+            "--int8, --fp16 and weight-only are exclusive", "export one variant per artifact"
+        )
+    if weight_only not in (None, "int4", "int8"):
+        raise StillroomError(f"unknown weight-only scheme '{weight_only}'", "use int4 or int8")
+    if fused and optimize:
+        raise StillroomError("--fused and --optimize are exclusive", "the fused graph is already fused")
     source = detect(model_dir)
     if source.kind != "causal-lm":
         raise StillroomError(
@@ -93,8 +108,15 @@ def export_causal_lm(
     started = time.perf_counter()
     with atomic_dir(Path(out_dir)) as tmp:
         graph = staging.stage_dir(tmp, "fp32") / staging.GRAPH
-        exported = export_lm_graph(model, graph, opset)
-        validation = {"fp32": _check(model, tokenizer, graph, "fp32", "fp32 ONNX graph")}
+        if fused:
+            lm_fused.export_fused(model, graph)
+            exported = onnx_graph.Exported(graph, "stillroom-fused")
+        else:
+            exported = export_lm_graph(model, graph, opset)
+            if last_logits:
+                lm_fast_graph.edit_file(graph, graph)
+        chunked = not fused
+        validation = {"fp32": _check(model, tokenizer, graph, "fp32", "fp32 ONNX graph", chunked)}
         fp32_bytes = variants.file_bytes(graph)
         extra: dict = {"fp32_bytes": fp32_bytes}
         if optimize:
@@ -108,11 +130,16 @@ def export_causal_lm(
             )
             validation["optimized"] = _check(model, tokenizer, opt, "fp32", "ORT-optimised graph")
             graph = opt
-        precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+        precision = "int8" if int8 else "fp16" if fp16 else f"{weight_only}-wo" if weight_only else "fp32"
         if precision != "fp32":
             variant = staging.stage_dir(tmp, precision) / staging.GRAPH
-            (variants.quantize_int8 if int8 else variants.convert_fp16)(graph, variant)
-            validation[precision] = _check(model, tokenizer, variant, precision, f"{precision} graph")
+            if weight_only:
+                variants.quantize_weight_only(graph, variant, weight_only)
+            else:
+                (variants.quantize_int8 if int8 else variants.convert_fp16)(graph, variant)
+            validation[precision] = _check(
+                model, tokenizer, variant, precision, f"{precision} graph", chunked
+            )
             graph = variant
         staging.promote(graph.parent, tmp)
         if tokenizer is not None:
@@ -130,7 +157,11 @@ def export_causal_lm(
                 },
                 "model_type": family,
                 "optimized": optimize,
-                "logits": "all positions",
+                "fused": fused,
+                "chunked_prefill": chunked,
+                "logits": "all positions; optional input logits_to_keep=k keeps the last k"
+                if fused or last_logits
+                else "all positions",
                 "export_seconds": round(time.perf_counter() - started, 3),
                 "graph_bytes": variants.file_bytes(tmp / staging.GRAPH),
             }

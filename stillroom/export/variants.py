@@ -7,6 +7,8 @@
   TensorRT's strongly typed networks take their precision from such a graph.
 - ``optimize``: ``onnxruntime.transformers.optimizer`` fusions (attention, layer norm, GELU) with the
   model type that matches the family; still fp32, so validated with the fp32 checks.
+- ``weight_only`` (``int4`` / ``int8``): MatMul weights stored in blocks of 4 or 8 bits for ORT's
+  ``MatMulNBits`` (see ``quantize_lm``); activations stay float32. The CPU decode path for LMs.
 
 Each function writes ``dst`` (single file, or ``dst`` + ``dst.data`` for large graphs) and never
 touches ``src``.
@@ -14,6 +16,7 @@ touches ``src``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -35,7 +38,8 @@ OPTIMIZER_TYPES = {
 }
 
 
-def _save(model, dst: Path) -> None:
+def save_model(model, dst: Path) -> None:
+    """Single file, or ``dst`` + ``dst.data`` when the weights exceed ``EXTERNAL_DATA_BYTES``."""
     import onnx
 
     external = model.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model, "ByteSize") else False
@@ -71,7 +75,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    _save(convert_float_to_float16(model, keep_io_types=True), dst)
+    save_model(convert_float_to_float16(model, keep_io_types=True), dst)
 
 
 def optimize(src: Path, dst: Path, family: str, num_heads: int = 0, hidden_size: int = 0) -> str:
@@ -88,9 +92,23 @@ def optimize(src: Path, dst: Path, family: str, num_heads: int = 0, hidden_size:
         use_gpu=False,
         only_onnxruntime=False,
     )
-    _save(optimized.model, dst)
+    save_model(optimized.model, dst)
     log.info("ORT optimizer (%s) fused: %s", model_type, optimized.get_fused_operator_statistics())
     return model_type
+
+
+def quantize_weight_only(src: Path, dst: Path, scheme: str = "int4", block_size: int = 32) -> None:
+    """MatMulNBits weights; a tied vocabulary projection is untied first so it is quantised too."""
+    import onnx
+
+    from stillroom.core.errors import StillroomError
+    from stillroom.export.lm_fast_graph import untie_vocab_projection
+    from stillroom.export.quantize_lm import quantize_matmul_nbits
+
+    model = onnx.load(str(src))
+    with contextlib.suppress(StillroomError):  # not an LM graph with a 'logits' MatMul: quantise the rest
+        untie_vocab_projection(model)
+    save_model(quantize_matmul_nbits(model, scheme, block_size), dst)
 
 
 def file_bytes(path: Path) -> int:
