@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
+    if not debug:  # library chatter (tokenizer length hints, "install accelerate") is not for users
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from rich.console import Console
     from rich.logging import RichHandler
 

@@ -61,7 +61,7 @@ FAST = Plan(
     lm_batches=[1],
     generator_batches=[2],
     repeats=2,
-    quality_samples=20,
+    quality_samples=50,
     eval_blocks=4,
 )
 
@@ -146,7 +146,8 @@ class Demo:
 
         artifacts = {name: self._timed(f"export {name}", self.export, name, student)
                      for name, student in generators.items()}
-        lm_art = self._timed("export lm", self.export, "shakespeare-lm", lm_student)
+        lm_art = self._timed("export lm", self.export, "shakespeare-lm", lm_student, fused=True,
+                             last_logits=True)
         lm_int8 = self._timed("export lm int8", self.export, "shakespeare-lm-int8", lm_student, int8=True)
 
         gen_targets = [Target("teacher (50-step DDIM)", "torch", "embedded:mnist_teacher", role="teacher",

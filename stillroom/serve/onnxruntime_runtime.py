@@ -11,7 +11,7 @@ from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
 from stillroom.serve.artifact_tokenizer import load_tokenizer
 from stillroom.serve.loaded import ImageGenerator, LanguageModel
-from stillroom.serve.ort_lm import OrtCausalLM
+from stillroom.serve.fast_lm import FastLM
 from stillroom.serve.ort_session import GPU_PROVIDERS, SessionOptions, open_session
 
 
@@ -135,7 +135,9 @@ def load_onnxruntime(
     info = {"artifact": str(target), "precision": art.manifest.precision, "source": art.manifest.source}
     device = "cuda" if active in GPU_PROVIDERS else "cpu"
     if art.kind == "causal-lm":
-        backend = OrtCausalLM(session, active, art.manifest.extra)
+        cache = art.manifest.extra.get("cache", {})
+        backend = FastLM(session=session, device_id=opts.device_id, kv_heads=cache.get("kv_heads"),
+                         head_dim=cache.get("head_dim"))
         info["context_length"] = _context_length(art.manifest.source)
         return LanguageModel(
             label, "onnxruntime", backend, _tokenizer(art), device=device, provider=active, info=info
