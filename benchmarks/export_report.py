@@ -44,7 +44,7 @@ def main() -> None:
 
     from stillroom.data import root as data_root
     from stillroom.export.command import to_onnx
-    from stillroom.export.tiny_models import build_tiny_generator, build_tiny_lm
+    from stillroom.tiny import build_tiny_generator, build_tiny_lm
 
     work = args.work or Path(tempfile.mkdtemp(prefix="export-report-"))
     models = [(Path(m).name, Path(m)) for m in args.model]

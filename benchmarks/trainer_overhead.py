@@ -20,14 +20,14 @@ import torch
 
 
 def build_teacher(root: Path, hidden: int, layers: int) -> Path:
-    from tests.conftest import CORPUS, build_tiny_llama, build_tokenizer
+    from stillroom.tiny import TEXT, build_tiny_llama, build_tokenizer
 
     teacher = root / "teacher"
-    tok = build_tokenizer(teacher, CORPUS * 50, vocab_size=512)
+    tok = build_tokenizer(teacher, vocab_size=512, text=TEXT * 50)
     build_tiny_llama(teacher, tok, layers=layers, hidden=hidden)
     corpus = root / "corpus"
     corpus.mkdir()
-    (corpus / "train.txt").write_text(CORPUS * 400)
+    (corpus / "train.txt").write_text(TEXT * 400)
     return teacher, corpus
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from stillroom.core.errors import StillroomError
-from stillroom.export.tiny_models import build_tiny_generator
+from stillroom.tiny import build_tiny_generator
 
 
 def _export(tmp_path, steps: int, conditioning: str | None):

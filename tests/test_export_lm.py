@@ -14,7 +14,7 @@ import torch
 
 from stillroom.core import artifact
 from stillroom.core.errors import StillroomError
-from stillroom.export.tiny_models import build_tiny_lm
+from stillroom.tiny import build_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stillroom.export.lm_validation import left_pad, torch_greedy, torch_logits
-from stillroom.export.tiny_models import build_tiny_lm
+from stillroom.tiny import build_tiny_lm
 
 PROMPTS = [[5, 17, 33], [9, 2, 41, 7, 19, 23, 4], list(range(40, 80))]  # 3, 7 and 40 tokens
 NEW = 16

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from stillroom.core import recipe as recipes
 from stillroom.core.errors import StillroomError
 from stillroom.core.trainer import Trainer
-from tests.conftest import build_tiny_llama, build_tokenizer, lm_recipe
+from stillroom.tiny import build_tiny_llama, build_tokenizer
+from tests.conftest import lm_recipe
 
 EMBEDDED = {"source": "embedded:shakespeare", "seq_len": 32, "max_train_tokens": 4096, "eval_tokens": 512}
 
@@ -248,7 +249,7 @@ def test_student_from_teacher_layers_copies_every_kth_block(tmp_path, corpus_dir
     from stillroom.plugins.lm.kd import KD
 
     teacher = tmp_path / "t4"
-    build_tiny_llama(teacher, build_tokenizer(teacher, (corpus_dir / "train.txt").read_text()), layers=4)
+    build_tiny_llama(teacher, build_tokenizer(teacher, vocab_size=320, text=(corpus_dir / "train.txt").read_text()), layers=4)
     d = recipe(teacher, corpus_dir, {"name": "kd"})
     d["student"] = {"config": {"num_hidden_layers": 2}, "init": "teacher-layers"}
     m = KD(recipes.validate(d), Context(torch.device("cpu"), torch.float32, tmp_path))
@@ -276,7 +277,7 @@ def test_pretrained_student_path_and_vocabulary_guard(tmp_path, tiny_teacher, co
     assert roles["student"].module.config.hidden_size == 16
     other = tmp_path / "other"
     build_tiny_llama(
-        other, build_tokenizer(other, "completely different text " * 50, vocab_size=300), layers=1
+        other, build_tokenizer(other, vocab_size=300, text="completely different text " * 50), layers=1
     )
     d["student"] = {"path": str(other)}
     with pytest.raises(

@@ -23,7 +23,7 @@ def test_valid_recipe_round_trips(tmp_path):
     ("override", "message"),
     [
         ("train.lr_rate=1", "recipe key 'train.lr_rate' is not accepted (accepted: steps, batch_size"),
-        ("method.temprature=2", "recipe key 'method.temprature' is not accepted (accepted: temperature, kd_ratio"),
+        ("method.temprature=2", "recipe key 'method.temprature' is not accepted (accepted: divergence, temperature, kd_ratio"),
         ("student.init=magic", "recipe key 'student.init'"),
         ("train.steps=-3", "recipe key 'train.steps': Input should be greater than 0"),
         ("train.steps=many", "recipe key 'train.steps'"),

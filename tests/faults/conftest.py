@@ -23,14 +23,14 @@ FORBIDDEN_IN_BODIES = ("Traceback", 'File "', "site-packages", "/stillroom/")
 
 @pytest.fixture(scope="session")
 def lm_student(tmp_path_factory) -> Path:
-    from stillroom.export.tiny_models import build_tiny_lm
+    from stillroom.tiny import build_tiny_lm
 
     return build_tiny_lm(tmp_path_factory.mktemp("faults-lm") / "student", family="llama")
 
 
 @pytest.fixture(scope="session")
 def gen_student(tmp_path_factory) -> Path:
-    from stillroom.export.tiny_models import build_tiny_generator
+    from stillroom.tiny import build_tiny_generator
 
     return build_tiny_generator(tmp_path_factory.mktemp("faults-gen") / "student", steps=2, size=8)
 
