@@ -249,7 +249,8 @@ def test_student_from_teacher_layers_copies_every_kth_block(tmp_path, corpus_dir
     from stillroom.plugins.lm.kd import KD
 
     teacher = tmp_path / "t4"
-    build_tiny_llama(teacher, build_tokenizer(teacher, vocab_size=320, text=(corpus_dir / "train.txt").read_text()), layers=4)
+    tok = build_tokenizer(teacher, vocab_size=320, text=(corpus_dir / "train.txt").read_text())
+    build_tiny_llama(teacher, tok, layers=4)
     d = recipe(teacher, corpus_dir, {"name": "kd"})
     d["student"] = {"config": {"num_hidden_layers": 2}, "init": "teacher-layers"}
     m = KD(recipes.validate(d), Context(torch.device("cpu"), torch.float32, tmp_path))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from stillroom.core.errors import StillroomError
-from tests.conftest import CORPUS, build_tiny_llama, build_tokenizer
+from stillroom.tiny import build_tiny_llama, build_tokenizer
+from tests.conftest import CORPUS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -134,7 +135,7 @@ def lm_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _build_pair(root: Path) -> tuple[Path, Path]:
-    tok = build_tokenizer(root / "teacher", CORPUS * 5)
+    tok = build_tokenizer(root / "teacher", vocab_size=320, text=CORPUS * 5)
     build_tiny_llama(root / "teacher", tok, layers=2, hidden=32, seed=0)
     tok.chat_template = CHAT_TEMPLATE  # the student's tokenizer (and so its artifact) can chat
     build_tiny_llama(root / "student", tok, layers=1, hidden=32, seed=1)
