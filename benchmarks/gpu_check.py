@@ -48,8 +48,23 @@ DEVICE_WHEELS: dict[str, str] = {
     "typing-inspection": "0.4.5",
 }
 # What the device image already has, of stillroom's runtime dependencies.
-DEVICE_HAS = {"torch", "transformers", "tokenizers", "onnx", "onnxscript", "onnxruntime", "pluggy", "safetensors",
-              "pyyaml", "click", "rich", "numpy", "psutil", "matplotlib", "huggingface-hub"}
+DEVICE_HAS = {
+    "torch",
+    "transformers",
+    "tokenizers",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "pluggy",
+    "safetensors",
+    "pyyaml",
+    "click",
+    "rich",
+    "numpy",
+    "psutil",
+    "matplotlib",
+    "huggingface-hub",
+}
 SECTIONS = ("lm", "diffusion", "export", "runtimes", "timing")
 STEPS = 20
 
@@ -75,7 +90,9 @@ def no_cuda_line() -> str | None:
     except ImportError:
         return "gpu_check: torch is not installed; nothing to check"
     if not torch.cuda.is_available():
-        return "gpu_check: no CUDA GPU visible; nothing to check here (run it on a GPU: benchmarks/gpu_check.md)"
+        return (
+            "gpu_check: no CUDA GPU visible; nothing to check here (run it on a GPU: benchmarks/gpu_check.md)"
+        )
     return None
 
 
@@ -99,8 +116,9 @@ def render_table(rows: list[Check]) -> str:
 def write_results(rows: list[Check], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu_check.json"
-    path.write_text(json.dumps({"checks": [asdict(r) for r in rows],
-                                "passed": all(r.ok for r in rows)}, indent=2))
+    path.write_text(
+        json.dumps({"checks": [asdict(r) for r in rows], "passed": all(r.ok for r in rows)}, indent=2)
+    )
     return path
 
 
@@ -132,15 +150,29 @@ def shipped_recipe(method: str) -> dict[str, Any]:
 
 def tiny_recipe(method: str, family: str, assets: dict[str, Path], run: Path) -> dict[str, Any]:
     data = shipped_recipe(method)
-    data["train"] = {**(data.get("train") or {}), "steps": STEPS, "batch_size": 4, "device": "cuda",
-                     "precision": "bf16", "checkpoint_every": STEPS // 2, "keep_checkpoints": 2,
-                     "eval_every": 0, "tensorboard": False, "warmup_steps": 0, "lr": 3e-3}
+    data["train"] = {
+        **(data.get("train") or {}),
+        "steps": STEPS,
+        "batch_size": 4,
+        "device": "cuda",
+        "precision": "bf16",
+        "checkpoint_every": STEPS // 2,
+        "keep_checkpoints": 2,
+        "eval_every": 0,
+        "tensorboard": False,
+        "warmup_steps": 0,
+        "lr": 3e-3,
+    }
     data["teacher"] = {**(data.get("teacher") or {}), "path": str(assets[f"{family}_teacher"])}
     if family == "lm":
         data["teacher"].pop("cache", None)
         data["student"] = {"config": {"num_hidden_layers": 1}, "init": "teacher-layers"}
-        data["data"] = {**(data.get("data") or {}), "source": str(assets["corpus"]), "seq_len": 16,
-                        "eval_tokens": 128}
+        data["data"] = {
+            **(data.get("data") or {}),
+            "source": str(assets["corpus"]),
+            "seq_len": 16,
+            "eval_tokens": 128,
+        }
     else:
         data["data"] = {"source": str(assets["images"])}
     return data
@@ -187,13 +219,18 @@ def check_method(method: str, family: str, assets: dict[str, Path], work: Path) 
 # -- 2. export + runtimes -------------------------------------------------------------------------
 def available_runtimes() -> list[tuple[str, dict[str, Any]]]:
     """(runtime, options) pairs to try on this machine, torch eager first (the reference)."""
-    pairs: list[tuple[str, dict[str, Any]]] = [("torch", {"device": "cuda"}),
-                                               ("torch", {"device": "cuda", "compile": True})]
+    pairs: list[tuple[str, dict[str, Any]]] = [
+        ("torch", {"device": "cuda"}),
+        ("torch", {"device": "cuda", "compile": True}),
+    ]
     import onnxruntime as ort
 
     providers = ort.get_available_providers()
-    for provider, name in (("TensorrtExecutionProvider", "tensorrt"), ("CUDAExecutionProvider", "cuda"),
-                           ("CPUExecutionProvider", "cpu")):
+    for provider, name in (
+        ("TensorrtExecutionProvider", "tensorrt"),
+        ("CUDAExecutionProvider", "cuda"),
+        ("CPUExecutionProvider", "cpu"),
+    ):
         if provider in providers:
             pairs.append(("onnxruntime", {"provider": name}))
     return pairs
@@ -284,7 +321,11 @@ def timing_check(assets: dict[str, Path], student_dir: Path) -> dict[str, Any]:
     labels = np.arange(8, dtype=np.int64) % 10
     t_ms = cuda_time_ms(lambda: teacher.generate(noise, labels), repeats=3)
     s_ms = cuda_time_ms(lambda: student.generate(noise, labels), repeats=10)
-    return {"teacher_50step_ms": round(t_ms, 2), "student_ms": round(s_ms, 2), "speedup": round(t_ms / s_ms, 1)}
+    return {
+        "teacher_50step_ms": round(t_ms, 2),
+        "student_ms": round(s_ms, 2),
+        "speedup": round(t_ms / s_ms, 1),
+    }
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -319,25 +360,44 @@ def run_checks(sections: tuple[str, ...], work: Path) -> list[Check]:
             continue
         for method, plugin in builtin:
             if plugin == family:
-                timed(f"{family}/{method}: 20 bf16 steps + resume", rows,
-                      lambda m=method, f=family: check_method(m, f, assets, work))
+                timed(
+                    f"{family}/{method}: 20 bf16 steps + resume",
+                    rows,
+                    lambda m=method, f=family: check_method(m, f, assets, work),
+                )
     lm_art, gen_art = work / "lm.onnx", work / "gen.onnx"
     if "export" in sections or "runtimes" in sections:
         from stillroom.export.onnx_generator import export_generator
         from stillroom.export.onnx_lm import export_causal_lm
 
-        timed("export tiny LM (onnx, validated)", rows, lambda: {"graphs": list(
-            export_causal_lm(assets["lm_teacher"], lm_art).manifest.graphs)})
-        timed("export tiny generator (onnx, validated)", rows, lambda: {"graphs": list(
-            export_generator(assets["generator"], gen_art).manifest.graphs)})
+        timed(
+            "export tiny LM (onnx, validated)",
+            rows,
+            lambda: {"graphs": list(export_causal_lm(assets["lm_teacher"], lm_art).manifest.graphs)},
+        )
+        timed(
+            "export tiny generator (onnx, validated)",
+            rows,
+            lambda: {"graphs": list(export_generator(assets["generator"], gen_art).manifest.graphs)},
+        )
     if "runtimes" in sections:
-        timed("LM logits on every runtime vs torch", rows,
-              lambda: check_runtime_diffs(compare_lm(lm_art, assets["lm_teacher"]), 2e-2))
-        timed("generator on every runtime vs torch", rows,
-              lambda: check_runtime_diffs(compare_generator(gen_art, assets["generator"]), 2e-2))
+        timed(
+            "LM logits on every runtime vs torch",
+            rows,
+            lambda: check_runtime_diffs(compare_lm(lm_art, assets["lm_teacher"]), 2e-2),
+        )
+        timed(
+            "generator on every runtime vs torch",
+            rows,
+            lambda: check_runtime_diffs(compare_generator(gen_art, assets["generator"]), 2e-2),
+        )
         timed("TensorRT engine from the LM artifact", rows, lambda: tensorrt_check(lm_art, work))
     if "timing" in sections:
-        timed("teacher 50-step vs student (CUDA events)", rows, lambda: timing_check(assets, assets["generator"]))
+        timed(
+            "teacher 50-step vs student (CUDA events)",
+            rows,
+            lambda: timing_check(assets, assets["generator"]),
+        )
     return rows
 
 
@@ -352,11 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sections = tuple(s for s in args.only.split(",") if s in SECTIONS)
     args.out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        handlers=[logging.FileHandler(args.out / "gpu_check.log"), logging.StreamHandler()])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+        handlers=[logging.FileHandler(args.out / "gpu_check.log"), logging.StreamHandler()],
+    )
     import torch
 
-    log.info("device: %s, torch %s, CUDA %s", torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda)
+    log.info(
+        "device: %s, torch %s, CUDA %s", torch.cuda.get_device_name(0), torch.__version__, torch.version.cuda
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_checks(sections, Path(tmp))
     write_results(rows, args.out)

@@ -34,14 +34,22 @@ def build_teacher(root: Path, hidden: int, layers: int) -> Path:
 def recipe(teacher: Path, corpus: Path, steps: int, batch: int, seq: int):
     from stillroom.core import recipe as recipes
 
-    return recipes.validate({
-        "method": {"name": "kd", "temperature": 2.0, "kd_ratio": 1.0},
-        "teacher": {"path": str(teacher)},
-        "student": {"config": {"num_hidden_layers": 2}, "init": "teacher-layers"},
-        "data": {"source": str(corpus), "seq_len": seq, "eval_tokens": 2 * seq},
-        "train": {"steps": steps, "batch_size": batch, "lr": 1e-3, "device": "cpu", "tensorboard": False,
-                  "warmup_steps": 5},
-    })
+    return recipes.validate(
+        {
+            "method": {"name": "kd", "temperature": 2.0, "kd_ratio": 1.0},
+            "teacher": {"path": str(teacher)},
+            "student": {"config": {"num_hidden_layers": 2}, "init": "teacher-layers"},
+            "data": {"source": str(corpus), "seq_len": seq, "eval_tokens": 2 * seq},
+            "train": {
+                "steps": steps,
+                "batch_size": batch,
+                "lr": 1e-3,
+                "device": "cpu",
+                "tensorboard": False,
+                "warmup_steps": 5,
+            },
+        }
+    )
 
 
 def trainer_step_times(rec, run_dir: Path) -> list[float]:
@@ -63,8 +71,10 @@ def handwritten_step_times(rec) -> list[float]:
     student = models.student_from_teacher_config(teacher, rec.student.config)
     models.init_from_teacher_layers(student, teacher)
     student.train()
-    blocks = textdata.TokenBlocks(textdata.token_stream(
-        tok, textdata.read_records(textdata.split_files(rec.data.source, "train"))), rec.data.seq_len)
+    blocks = textdata.TokenBlocks(
+        textdata.token_stream(tok, textdata.read_records(textdata.split_files(rec.data.source, "train"))),
+        rec.data.seq_len,
+    )
     stream = IndexStream(len(blocks), rec.train.seed, 0, 1)
     opt = torch.optim.AdamW(student.parameters(), lr=rec.train.lr, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(rec.train))
@@ -101,7 +111,9 @@ def main() -> None:
         results = {}
         for rnd in range(2):  # alternate to cancel drift in machine load
             results.setdefault("hand-written loop", []).extend(handwritten_step_times(rec)[skip:])
-            results.setdefault("stillroom Trainer", []).extend(trainer_step_times(rec, root / f"run{rnd}")[skip:])
+            results.setdefault("stillroom Trainer", []).extend(
+                trainer_step_times(rec, root / f"run{rnd}")[skip:]
+            )
     base = statistics.median(results["hand-written loop"])
     print(f"{'loop':<20} {'median ms/step':>15} {'mean ms/step':>13} {'ratio':>7}")
     for name, times in results.items():

@@ -60,8 +60,14 @@ def plugins(as_json: bool) -> None:
     table = Table("plugin", "version", "methods", "exporters", "runtimes", "status")
     for info in infos:
         status = f"[red]error: {info.error}" if info.error else ("built-in" if info.builtin else "installed")
-        table.add_row(info.name, info.version or "", ", ".join(info.methods), ", ".join(info.exporters),
-                      ", ".join(info.runtimes), status)
+        table.add_row(
+            info.name,
+            info.version or "",
+            ", ".join(info.methods),
+            ", ".join(info.exporters),
+            ", ".join(info.runtimes),
+            status,
+        )
     Console().print(table)
 
 
@@ -97,9 +103,16 @@ def distill(recipe: str, overrides: tuple[str, ...], out: Path | None, resume: b
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Where runs, artifacts and the report go (re-runs reuse finished stages).")
-@click.option("--fast", is_flag=True, help="A ~2-minute smoke variant with tiny sizes (numbers not meaningful).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Where runs, artifacts and the report go (re-runs reuse finished stages).",
+)
+@click.option(
+    "--fast", is_flag=True, help="A ~2-minute smoke variant with tiny sizes (numbers not meaningful)."
+)
 def demo(out: Path, fast: bool) -> None:
     """Distill, export and benchmark the embedded MNIST and Shakespeare teachers; write one report."""
     from stillroom.demo import Demo, print_summary

@@ -56,8 +56,13 @@ FAST = Plan(
         1: ["train.steps=3", "train.batch_size=4"],
         4: ["train.steps=3", "train.batch_size=4"],
     },
-    lm_overrides=["train.steps=3", "train.batch_size=2", "train.eval_every=0", "data.max_train_tokens=20000",
-                  "data.eval_tokens=512"],
+    lm_overrides=[
+        "train.steps=3",
+        "train.batch_size=2",
+        "train.eval_every=0",
+        "data.max_train_tokens=20000",
+        "data.eval_tokens=512",
+    ],
     lm_batches=[1],
     generator_batches=[2],
     repeats=2,
@@ -119,9 +124,14 @@ class Demo:
             log.info("[skip] bench %s: report present", kind)
             return json.loads((where / "report.json").read_text())
         log.info("[bench] %s: %s", kind, ", ".join(t.label for t in targets))
-        settings = BenchSettings(batches=batches, repeats=self.plan.repeats, warmup=1 if self.fast else 2,
-                                 quality_samples=self.plan.quality_samples, eval_blocks=self.plan.eval_blocks,
-                                 grid_images=16)
+        settings = BenchSettings(
+            batches=batches,
+            repeats=self.plan.repeats,
+            warmup=1 if self.fast else 2,
+            quality_samples=self.plan.quality_samples,
+            eval_blocks=self.plan.eval_blocks,
+            grid_images=16,
+        )
         return benchmark(targets, settings, where, heldout=heldout)
 
     def _timed(self, name: str, fn, *args, **kwargs):
@@ -142,28 +152,49 @@ class Demo:
             name = f"mnist-{k}step"
             overrides = [f"student.steps={k}", *self.plan.generator_overrides.get(k, [])]
             generators[name] = self._timed(f"distill {name}", self.distill, name, GENERATOR_RECIPE, overrides)
-        lm_student = self._timed("distill lm", self.distill, "shakespeare-lm", LM_RECIPE, self.plan.lm_overrides)
+        lm_student = self._timed(
+            "distill lm", self.distill, "shakespeare-lm", LM_RECIPE, self.plan.lm_overrides
+        )
 
-        artifacts = {name: self._timed(f"export {name}", self.export, name, student)
-                     for name, student in generators.items()}
-        lm_art = self._timed("export lm", self.export, "shakespeare-lm", lm_student, fused=True,
-                             last_logits=True)
+        artifacts = {
+            name: self._timed(f"export {name}", self.export, name, student)
+            for name, student in generators.items()
+        }
+        lm_art = self._timed(
+            "export lm", self.export, "shakespeare-lm", lm_student, fused=True, last_logits=True
+        )
         lm_int8 = self._timed("export lm int8", self.export, "shakespeare-lm-int8", lm_student, int8=True)
 
-        gen_targets = [Target("teacher (50-step DDIM)", "torch", "embedded:mnist_teacher", role="teacher",
-                              options={"steps": 50})]
+        gen_targets = [
+            Target(
+                "teacher (50-step DDIM)",
+                "torch",
+                "embedded:mnist_teacher",
+                role="teacher",
+                options={"steps": 50},
+            )
+        ]
         gen_targets += [Target(name, "onnxruntime", str(path)) for name, path in artifacts.items()]
-        gen_report = self._timed("bench generators", self.bench, "generator", gen_targets,
-                                 self.plan.generator_batches, "")
-        lm_targets = [Target("teacher", "torch", "embedded:lm_teacher", role="teacher"),
-                      Target("shakespeare-lm", "onnxruntime", str(lm_art)),
-                      Target("shakespeare-lm-int8", "onnxruntime", str(lm_int8))]
-        lm_report = self._timed("bench lm", self.bench, "causal-lm", lm_targets, self.plan.lm_batches,
-                                heldout_text(lm_art))
+        gen_report = self._timed(
+            "bench generators", self.bench, "generator", gen_targets, self.plan.generator_batches, ""
+        )
+        lm_targets = [
+            Target("teacher", "torch", "embedded:lm_teacher", role="teacher"),
+            Target("shakespeare-lm", "onnxruntime", str(lm_art)),
+            Target("shakespeare-lm-int8", "onnxruntime", str(lm_int8)),
+        ]
+        lm_report = self._timed(
+            "bench lm", self.bench, "causal-lm", lm_targets, self.plan.lm_batches, heldout_text(lm_art)
+        )
         summary = summarize([gen_report, lm_report])
         self.timings["total"] = round(time.perf_counter() - started, 1)
-        combined = {"format_version": 1, "fast": self.fast, "summary": summary, "timings_s": self.timings,
-                    "reports": {"generator": gen_report, "causal-lm": lm_report}}
+        combined = {
+            "format_version": 1,
+            "fast": self.fast,
+            "summary": summary,
+            "timings_s": self.timings,
+            "reports": {"generator": gen_report, "causal-lm": lm_report},
+        }
         write_combined_report(combined, self.out)
         return combined
 
@@ -192,21 +223,29 @@ def summarize(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if s["batch"] != smallest:
                 continue
             quality = s["quality"].get(metric)
-            rows.append({
-                "kind": kind,
-                "student": s["name"],
-                "runtime": s["runtime"],
-                "batch": s["batch"],
-                "p50_ms": s["latency_ms"]["p50"],
-                "teacher_p50_ms": next((t["latency_ms"]["p50"] for t in teacher.get("by_batch", [])
-                                        if t.get("batch") == smallest and "latency_ms" in t), None),
-                "speedup": s.get("speedup_p50"),
-                "metric": metric,
-                "student_quality": quality,
-                "teacher_quality": t_quality,
-                "quality_ratio": (t_quality / quality) if t_quality and quality else None,
-                "extra": {k: v for k, v in s["quality"].items() if k != metric},
-            })
+            rows.append(
+                {
+                    "kind": kind,
+                    "student": s["name"],
+                    "runtime": s["runtime"],
+                    "batch": s["batch"],
+                    "p50_ms": s["latency_ms"]["p50"],
+                    "teacher_p50_ms": next(
+                        (
+                            t["latency_ms"]["p50"]
+                            for t in teacher.get("by_batch", [])
+                            if t.get("batch") == smallest and "latency_ms" in t
+                        ),
+                        None,
+                    ),
+                    "speedup": s.get("speedup_p50"),
+                    "metric": metric,
+                    "student_quality": quality,
+                    "teacher_quality": t_quality,
+                    "quality_ratio": (t_quality / quality) if t_quality and quality else None,
+                    "extra": {k: v for k, v in s["quality"].items() if k != metric},
+                }
+            )
     return rows
 
 
@@ -219,16 +258,44 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["student", "kind", "runtime", "batch", "p50 ms", "teacher p50 ms", "speedup", "metric",
-            "student", "teacher", "quality ratio"]
+    head = [
+        "student",
+        "kind",
+        "runtime",
+        "batch",
+        "p50 ms",
+        "teacher p50 ms",
+        "speedup",
+        "metric",
+        "student",
+        "teacher",
+        "quality ratio",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['student']} | {r['kind']} | error: {r['error']} |")
             continue
-        lines.append("| " + " | ".join(_fmt(x) for x in (
-            r["student"], r["kind"], r["runtime"], r["batch"], r["p50_ms"], r["teacher_p50_ms"], r["speedup"],
-            r["metric"], r["student_quality"], r["teacher_quality"], r["quality_ratio"])) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(x)
+                for x in (
+                    r["student"],
+                    r["kind"],
+                    r["runtime"],
+                    r["batch"],
+                    r["p50_ms"],
+                    r["teacher_p50_ms"],
+                    r["speedup"],
+                    r["metric"],
+                    r["student_quality"],
+                    r["teacher_quality"],
+                    r["quality_ratio"],
+                )
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -236,9 +303,17 @@ def write_combined_report(combined: dict[str, Any], out: Path) -> dict[str, Path
     """report.json / report.md / report.html for the whole demo (plots and grids embedded)."""
     from stillroom.serve import report as rep
 
-    md = ["# stillroom demo", "", "Quality ratio = teacher / student on the primary metric "
-          "(FID-like for generators, perplexity for LMs; 1.0 = as good as the teacher).", "",
-          summary_markdown(combined["summary"]), "", "## Stage times (s)", ""]
+    md = [
+        "# stillroom demo",
+        "",
+        "Quality ratio = teacher / student on the primary metric "
+        "(FID-like for generators, perplexity for LMs; 1.0 = as good as the teacher).",
+        "",
+        summary_markdown(combined["summary"]),
+        "",
+        "## Stage times (s)",
+        "",
+    ]
     md += [f"- {k}: {v}" for k, v in combined["timings_s"].items()]
     sections = []
     for kind, report in combined["reports"].items():
@@ -251,17 +326,21 @@ def write_combined_report(combined: dict[str, Any], out: Path) -> dict[str, Path
         table = rep.markdown(report)
         sections.append(rep.html_section(report, table, grids, level=2))
     machine = combined["reports"]["causal-lm"]["machine"]
-    page = "\n".join([
-        rep.PAGE_HEAD.format(title="stillroom demo"),
-        "<h1>stillroom demo</h1>",
-        "<p>Teachers distilled into students, exported to validated ONNX and benchmarked side by side. "
-        "Quality ratio = teacher / student on the primary metric (FID-like for generators, perplexity for "
-        "LMs; both lower-is-better), so 1.0 means as good as the teacher.</p>",
-        rep.html_table(summary_markdown(combined["summary"])),
-        *sections,
-        "<h2>Stage times (s)</h2><pre>" + html.escape(json.dumps(combined["timings_s"], indent=2)) + "</pre>",
-        "<h2>Machine</h2><pre>" + html.escape(json.dumps(machine, indent=2)) + "</pre></body></html>",
-    ])
+    page = "\n".join(
+        [
+            rep.PAGE_HEAD.format(title="stillroom demo"),
+            "<h1>stillroom demo</h1>",
+            "<p>Teachers distilled into students, exported to validated ONNX and benchmarked side by side. "
+            "Quality ratio = teacher / student on the primary metric (FID-like for generators, perplexity "
+            "for LMs; both lower-is-better), so 1.0 means as good as the teacher.</p>",
+            rep.html_table(summary_markdown(combined["summary"])),
+            *sections,
+            "<h2>Stage times (s)</h2><pre>"
+            + html.escape(json.dumps(combined["timings_s"], indent=2))
+            + "</pre>",
+            "<h2>Machine</h2><pre>" + html.escape(json.dumps(machine, indent=2)) + "</pre></body></html>",
+        ]
+    )
     write_json(out / "report.json", combined)
     write_text(out / "report.md", "\n".join(md) + "\n")
     write_text(out / "report.html", page)
@@ -272,15 +351,32 @@ def print_summary(combined: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("student", "kind", "p50 ms", "speedup", "metric", "student", "teacher", "quality ratio",
-                  title="stillroom demo" + (" (--fast: sizes too small for meaningful numbers)"
-                                            if combined["fast"] else ""))
+    table = Table(
+        "student",
+        "kind",
+        "p50 ms",
+        "speedup",
+        "metric",
+        "student",
+        "teacher",
+        "quality ratio",
+        title="stillroom demo"
+        + (" (--fast: sizes too small for meaningful numbers)" if combined["fast"] else ""),
+    )
     for r in combined["summary"]:
         if "error" in r:
             table.add_row(r["student"], r["kind"], "[red]error", r["error"][:60])
             continue
-        table.add_row(r["student"], r["kind"], _fmt(r["p50_ms"]), f"{_fmt(r['speedup'])}x", r["metric"],
-                      _fmt(r["student_quality"]), _fmt(r["teacher_quality"]), _fmt(r["quality_ratio"]))
+        table.add_row(
+            r["student"],
+            r["kind"],
+            _fmt(r["p50_ms"]),
+            f"{_fmt(r['speedup'])}x",
+            r["metric"],
+            _fmt(r["student_quality"]),
+            _fmt(r["teacher_quality"]),
+            _fmt(r["quality_ratio"]),
+        )
     console = Console()
     console.print(table)
     console.print(f"total {combined['timings_s']['total']} s; report: {out / 'report.html'}")

@@ -56,9 +56,17 @@ def build_tiny_llama(out: Path, tokenizer, layers: int = 2, hidden: int = 32, se
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=256, tie_word_embeddings=True, **_special_ids(tokenizer))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **_special_ids(tokenizer),
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -66,8 +74,11 @@ def build_tiny_llama(out: Path, tokenizer, layers: int = 2, hidden: int = 32, se
 
 
 def _special_ids(tokenizer) -> dict[str, int]:
-    return {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def build_tiny_lm(out: Path, family: str = "llama", layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
@@ -82,8 +93,14 @@ def build_tiny_lm(out: Path, family: str = "llama", layers: int = 2, hidden: int
     if family != "gpt2":
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                        **_special_ids(tokenizer))
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        **_special_ids(tokenizer),
+    )
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
     return out
 

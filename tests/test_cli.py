@@ -12,8 +12,9 @@ from tests.conftest import REPO, STILLROOM, cli_env, lm_recipe
 
 
 def run(*args, env=None, cwd=None):
-    return subprocess.run([STILLROOM, *args], capture_output=True, text=True, env=env or cli_env(), cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [STILLROOM, *args], capture_output=True, text=True, env=env or cli_env(), cwd=cwd, timeout=300
+    )
 
 
 def test_plugins_json_lists_builtins():
@@ -45,8 +46,22 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_teacher, corp
 
 def test_example_plugin_installs_and_trains(tmp_path, tiny_teacher, corpus_dir, write_recipe):
     target = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                          str(REPO / "examples" / "plugin-example")], capture_output=True, text=True, timeout=300)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO / "examples" / "plugin-example"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pip.returncode == 0, pip.stderr
     env = cli_env(PYTHONPATH=str(target))
     plugins = {p["name"]: p for p in json.loads(run("plugins", "--json", env=env).stdout)}

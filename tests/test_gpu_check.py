@@ -6,9 +6,9 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from tests.conftest import REPO, cli_env
 
@@ -20,17 +20,24 @@ spec.loader.exec_module(gpu_check)
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_exits_at_once_with_one_line_without_cuda(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=cli_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
     assert out.returncode == 0
     assert out.stdout.count("\n") == 1 and "no CUDA GPU visible" in out.stdout
     assert not list(tmp_path.iterdir())
 
 
 def test_table_and_json_report_every_row(tmp_path):
-    rows = [gpu_check.Check("lm/kd: 20 bf16 steps + resume", "ok", 3.25, {"head": 5.0}),
-            gpu_check.Check("TensorRT engine", "skip: tensorrt is not installed", 0.01),
-            gpu_check.Check("export tiny LM", "FAIL: RuntimeError: boom", 1.0)]
+    rows = [
+        gpu_check.Check("lm/kd: 20 bf16 steps + resume", "ok", 3.25, {"head": 5.0}),
+        gpu_check.Check("TensorRT engine", "skip: tensorrt is not installed", 0.01),
+        gpu_check.Check("export tiny LM", "FAIL: RuntimeError: boom", 1.0),
+    ]
     table = gpu_check.render_table(rows)
     lines = table.splitlines()
     assert lines[0].split() == ["check", "result", "seconds"] and set(lines[1]) <= {"-", " "}
@@ -45,7 +52,11 @@ def test_timed_turns_exceptions_into_fail_rows():
     gpu_check.timed("ok one", rows, lambda: {"x": 1})
     gpu_check.timed("broken", rows, lambda: 1 / 0)
     gpu_check.timed("skipped", rows, lambda: "skip: no tensorrt")
-    assert [r.result for r in rows] == ["ok", "FAIL: ZeroDivisionError: division by zero", "skip: no tensorrt"]
+    assert [r.result for r in rows] == [
+        "ok",
+        "FAIL: ZeroDivisionError: division by zero",
+        "skip: no tensorrt",
+    ]
     assert [r.ok for r in rows] == [True, False, True]
 
 

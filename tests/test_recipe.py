@@ -23,7 +23,10 @@ def test_valid_recipe_round_trips(tmp_path):
     ("override", "message"),
     [
         ("train.lr_rate=1", "recipe key 'train.lr_rate' is not accepted (accepted: steps, batch_size"),
-        ("method.temprature=2", "recipe key 'method.temprature' is not accepted (accepted: divergence, temperature, kd_ratio"),
+        (
+            "method.temprature=2",
+            "recipe key 'method.temprature' is not accepted (accepted: divergence, temperature, kd_ratio",
+        ),
         ("student.init=magic", "recipe key 'student.init'"),
         ("train.steps=-3", "recipe key 'train.steps': Input should be greater than 0"),
         ("train.steps=many", "recipe key 'train.steps'"),
@@ -50,8 +53,16 @@ def test_unknown_section_and_method(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_create_sections(tmp_path):
-    data = recipes.apply_overrides(good(tmp_path), ["train.steps=7", "train.betas=[0.8, 0.9]",
-                                                    "train.ema=0.99", "method.kd_ratio=0.25", "export.int8=true"])
+    data = recipes.apply_overrides(
+        good(tmp_path),
+        [
+            "train.steps=7",
+            "train.betas=[0.8, 0.9]",
+            "train.ema=0.99",
+            "method.kd_ratio=0.25",
+            "export.int8=true",
+        ],
+    )
     rec = recipes.validate(data)
     assert rec.train.steps == 7 and rec.train.betas == (0.8, 0.9) and rec.train.ema == 0.99
     assert rec.method.kd_ratio == 0.25 and rec.export.int8 is True

@@ -15,7 +15,9 @@ from tests.conftest import lm_recipe
 
 
 def train(tmp_path, teacher, corpus, name="run", resume=False, **cfg):
-    rec = recipes.validate(recipes.apply_overrides(lm_recipe(teacher, corpus), [f"train.{k}={v}" for k, v in cfg.items()]))
+    rec = recipes.validate(
+        recipes.apply_overrides(lm_recipe(teacher, corpus), [f"train.{k}={v}" for k, v in cfg.items()])
+    )
     return Trainer(rec, tmp_path / name).fit(resume=resume)
 
 
@@ -46,14 +48,16 @@ def test_resume_in_process_is_bitwise_identical(tmp_path, tiny_teacher, corpus_d
     # throw away the end of the second run, then resume it from step 4
     import shutil
 
-    for extra in ("step-0000006", ):
+    for extra in ("step-0000006",):
         shutil.rmtree(tmp_path / "part" / "checkpoints" / extra)
     shutil.rmtree(part)
     resumed = train(tmp_path, tiny_teacher, corpus_dir, name="part", resume=True, steps=6, ema=0.9)
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and steps.count(5) == 1
 
 

@@ -82,8 +82,10 @@ class Artifact:
 
     def graph(self, name: str = "model") -> Path:
         if name not in self.manifest.graphs:
-            raise StillroomError(f"artifact '{self.root}' has no graph '{name}'",
-                                 f"graphs: {', '.join(self.manifest.graphs) or 'none'}")
+            raise StillroomError(
+                f"artifact '{self.root}' has no graph '{name}'",
+                f"graphs: {', '.join(self.manifest.graphs) or 'none'}",
+            )
         return self.path(self.manifest.graphs[name])
 
 
@@ -99,11 +101,15 @@ def safe_join(root: Path, relative: str) -> Path:
     """``root/relative``, refusing anything that would leave ``root``."""
     pure = PurePosixPath(relative)
     if pure.is_absolute() or ".." in pure.parts or "\\" in relative or not relative:
-        raise StillroomError(f"artifact path '{relative}' escapes the artifact directory", "the artifact is invalid")
+        raise StillroomError(
+            f"artifact path '{relative}' escapes the artifact directory", "the artifact is invalid"
+        )
     root_resolved = Path(root).resolve()
     target = (root_resolved / pure).resolve()
     if root_resolved not in target.parents and target != root_resolved:
-        raise StillroomError(f"artifact path '{relative}' escapes the artifact directory", "the artifact is invalid")
+        raise StillroomError(
+            f"artifact path '{relative}' escapes the artifact directory", "the artifact is invalid"
+        )
     return target
 
 
@@ -125,7 +131,9 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     manifest = manifest.model_copy(update={"files": file_entries(root)})
     for name, rel in manifest.graphs.items():
         if not safe_join(root, rel).is_file():
-            raise StillroomError(f"graph '{name}' file '{rel}' is missing from the artifact", "re-run the export")
+            raise StillroomError(
+                f"graph '{name}' file '{rel}' is missing from the artifact", "re-run the export"
+            )
     write_json(root / MANIFEST, manifest.model_dump(mode="json"))
     return root / MANIFEST
 
@@ -135,20 +143,28 @@ def read_manifest(root: Path) -> Manifest:
     if not Path(root).is_dir():
         raise StillroomError(f"artifact directory '{root}' does not exist", "run `stillroom export` first")
     if not path.is_file():
-        raise StillroomError(f"'{root}' has no {MANIFEST}: it is not a finished artifact",
-                             "re-run `stillroom export`; a manifest is only written after validation passes")
+        raise StillroomError(
+            f"'{root}' has no {MANIFEST}: it is not a finished artifact",
+            "re-run `stillroom export`; a manifest is only written after validation passes",
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         manifest = Manifest.model_validate(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StillroomError(f"'{path}' is not valid JSON (truncated or corrupt)", "re-run the export") from err
+        raise StillroomError(
+            f"'{path}' is not valid JSON (truncated or corrupt)", "re-run the export"
+        ) from err
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise StillroomError(f"'{path}' is not a valid manifest: {where}: {first['msg']}", "re-run the export") from None
+        raise StillroomError(
+            f"'{path}' is not a valid manifest: {where}: {first['msg']}", "re-run the export"
+        ) from None
     if manifest.format_version > FORMAT_VERSION:
-        raise StillroomError(f"'{path}' has format_version {manifest.format_version}; this stillroom reads "
-                             f"{FORMAT_VERSION}", "upgrade stillroom")
+        raise StillroomError(
+            f"'{path}' has format_version {manifest.format_version}; this stillroom reads {FORMAT_VERSION}",
+            "upgrade stillroom",
+        )
     return manifest
 
 
@@ -159,12 +175,17 @@ def load(root: str | Path, verify: bool = True) -> Artifact:
     for entry in manifest.files:
         path = safe_join(root, entry.path)
         if not path.is_file():
-            raise StillroomError(f"artifact file '{entry.path}' is missing from '{root}'", "re-run the export")
+            raise StillroomError(
+                f"artifact file '{entry.path}' is missing from '{root}'", "re-run the export"
+            )
         if not verify:
             continue
         if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            raise StillroomError(f"artifact file '{path}' does not match its sha256 in the manifest "
-                                 "(modified, truncated or corrupt)", "re-run the export")
+            raise StillroomError(
+                f"artifact file '{path}' does not match its sha256 in the manifest "
+                "(modified, truncated or corrupt)",
+                "re-run the export",
+            )
     for rel in [*manifest.graphs.values(), *([manifest.tokenizer] if manifest.tokenizer else [])]:
         safe_join(root, rel)
     return Artifact(root, manifest)

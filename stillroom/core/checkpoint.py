@@ -96,8 +96,10 @@ def load(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, Any
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("not a stillroom checkpoint state")
     except (OSError, ValueError) as err:
-        raise StillroomError(f"checkpoint file '{path / 'state.json'}' is unreadable or corrupt",
-                             "delete that checkpoint directory to resume from the one before") from err
+        raise StillroomError(
+            f"checkpoint file '{path / 'state.json'}' is unreadable or corrupt",
+            "delete that checkpoint directory to resume from the one before",
+        ) from err
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
@@ -105,12 +107,16 @@ def load(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, Any
         try:
             missing, unexpected = load_model(module, str(file), strict=False)
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-            raise StillroomError(f"checkpoint file '{file}' is corrupt or does not match the model",
-                                 "delete that checkpoint directory to resume from the one before") from err
+            raise StillroomError(
+                f"checkpoint file '{file}' is corrupt or does not match the model",
+                "delete that checkpoint directory to resume from the one before",
+            ) from err
         if missing or unexpected:
-            raise StillroomError(f"checkpoint file '{file}' does not match the model "
-                                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
-                                 "resume with the same recipe that wrote it")
+            raise StillroomError(
+                f"checkpoint file '{file}' does not match the model "
+                f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+                "resume with the same recipe that wrote it",
+            )
     optim = _torch_load(path / "optim.pt")
     set_rng_state(_torch_load(path / "rng.pt"))
     return optim, state
@@ -120,8 +126,12 @@ def _torch_load(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise StillroomError(f"checkpoint file '{file}' holds objects that are not plain tensors; refused",
-                             "only checkpoints written by stillroom can be resumed") from err
+        raise StillroomError(
+            f"checkpoint file '{file}' holds objects that are not plain tensors; refused",
+            "only checkpoints written by stillroom can be resumed",
+        ) from err
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise StillroomError(f"checkpoint file '{file}' is unreadable or corrupt",
-                             "delete that checkpoint directory to resume from the one before") from err
+        raise StillroomError(
+            f"checkpoint file '{file}' is unreadable or corrupt",
+            "delete that checkpoint directory to resume from the one before",
+        ) from err

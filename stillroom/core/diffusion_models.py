@@ -173,15 +173,19 @@ def teacher_sample(
     """
     from diffusers import DDIMScheduler
 
+    # x0 clipping follows the teacher's own config (pixel DDPMs set clip_sample): near zero SNR an
+    # epsilon teacher's x0 = (x - sigma eps) / alpha is unusable without it, and eps is re-derived from
+    # the clipped x0 (GLIDE; use_clipped_model_output) or many-step sampling drifts. Latents: no clip.
+    clip = bool(teacher.scheduler.config.get("clip_sample")) and teacher.vae is None
     sched = DDIMScheduler.from_config(
-        teacher.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+        teacher.scheduler.config, timestep_spacing="trailing", clip_sample=clip, set_alpha_to_one=True
     )
     sched.set_timesteps(steps, device=noise.device)
     x = noise
     for t in sched.timesteps:
         tt = t.expand(x.shape[0]).to(noise.device)
         out = cfg_output(teacher.unet, x, tt, cond, uncond, guidance)
-        x = sched.step(out, t, x, eta=0.0).prev_sample
+        x = sched.step(out, t, x, eta=0.0, use_clipped_model_output=clip).prev_sample
     if decode and teacher.vae is not None:
         x = teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample
     return x.clamp(-1.0, 1.0)

@@ -17,7 +17,8 @@ A *generator student directory* (what the diffusion methods' ``save_student`` wr
      "boundary": null | {"sigma_data": 0.5, "timestep_scaling": 10.0, "ends": [e_1, ..., e_K]},
      "conditioning": "class" | "text" | null, "num_classes": int | null, "null_class": int | null,
      "image_size": int, "channels": int, "latent": bool,
-     "hybrid": null | {"teacher": spec, "timesteps": [s_1 > ... > s_J], "handover": t_1, "guidance": w}}
+     "hybrid": null | {"teacher": spec, "timesteps": [s_1 > ... > s_J], "handover": t_1, "guidance": w,
+                "prediction": teacher's, "clip_sample": r | null}}   # r: teacher x0 clamped, eps re-derived
 
 Sampling (``FewStepGenerator.forward``) is deterministic: x_T = noise; for each step k the UNet output
 is turned into (x0_hat, eps_hat) and the state moves to the next timestep with the DDIM update
@@ -269,6 +270,10 @@ class FewStepGenerator(nn.Module):
                 x0, eps = to_x0_eps(
                     out, x, self.h_a[j], self.h_s[j], self.hybrid.get("prediction", "epsilon")
                 )
+                if self.hybrid.get("clip_sample") is not None:  # clamp x0, re-derive eps (GLIDE, diffusers)
+                    r = float(self.hybrid["clip_sample"])
+                    x0 = x0.clamp(-r, r)
+                    eps = (x - self.h_a[j] * x0) / self.h_s[j]
                 x = ddim_step(x0, eps, self.h_a_next[j], self.h_s_next[j])
         embed = None
         if self.guidance_embed:
@@ -299,12 +304,15 @@ def with_hybrid(
     handover: int,
     guidance: float | None,
     prediction: str,
+    clip_sample: float | None = None,
 ) -> dict[str, Any]:
     """``sampler`` with the hybrid option: ``teacher_steps`` teacher DDIM steps from T - 1 down to
     ``handover``, then the student from ``handover`` on (its steps above the handover are dropped).
 
     Gandikota & Bau 2025: the first, structure-setting step(s) of the base model restore diversity; the
     distilled model finishes. The student step that covered ``handover`` keeps its segment end.
+    ``clip_sample`` (the teacher scheduler's clip range, pixel teachers) clamps the teacher's x0 and
+    re-derives its eps from it, as diffusers' DDIM step does with ``use_clipped_model_output=True``.
     """
     ts = [int(t) for t in sampler["timesteps"]]
     top = num_train_timesteps - 1
@@ -331,6 +339,7 @@ def with_hybrid(
         "handover": handover,
         "guidance": guidance,
         "prediction": prediction,
+        "clip_sample": clip_sample,
     }
     return out
 
@@ -353,6 +362,7 @@ def retarget(sampler: dict[str, Any], scheduler_config: dict[str, Any], steps: i
             int(hybrid["handover"]),
             hybrid.get("guidance"),
             hybrid.get("prediction", "epsilon"),
+            hybrid.get("clip_sample"),
         )
     return out
 

@@ -23,7 +23,9 @@ def locate(spec: str, role: str) -> str:
     path = Path(resolved).expanduser()
     looks_local = resolved.startswith((".", "/", "~")) or path.exists() or resolved.count("/") > 1
     if looks_local and not path.exists():
-        raise StillroomError(f"{role} path '{spec}' does not exist", "give a local model directory or a hub id")
+        raise StillroomError(
+            f"{role} path '{spec}' does not exist", "give a local model directory or a hub id"
+        )
     return str(path) if path.exists() else resolved
 
 
@@ -40,8 +42,11 @@ def load_causal_lm(spec: str, role: str = "teacher", dtype: Any = None):
 
     where = locate(spec, role)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype) if dtype else \
-            AutoModelForCausalLM.from_pretrained(where)
+        model = (
+            AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            if dtype
+            else AutoModelForCausalLM.from_pretrained(where)
+        )
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as err:
         raise _hub_error(spec, role, err) from err
@@ -57,8 +62,10 @@ def student_from_teacher_config(teacher, overrides: dict[str, Any]):
     config = copy.deepcopy(teacher.config)
     for key, value in overrides.items():
         if not hasattr(config, key):
-            raise StillroomError(f"recipe key 'student.config.{key}' is not a field of {type(config).__name__}",
-                                 "use a field of the teacher's config.json")
+            raise StillroomError(
+                f"recipe key 'student.config.{key}' is not a field of {type(config).__name__}",
+                "use a field of the teacher's config.json",
+            )
         setattr(config, key, value)
     return AutoModelForCausalLM.from_config(config)
 
@@ -73,8 +80,9 @@ def decoder_layers(model) -> Any:
         except AttributeError:
             continue
         return node
-    raise StillroomError(f"cannot find the decoder blocks of {type(model).__name__}",
-                         "use student.init=random or student.path")
+    raise StillroomError(
+        f"cannot find the decoder blocks of {type(model).__name__}", "use student.init=random or student.path"
+    )
 
 
 def init_from_teacher_layers(student, teacher, stride: int | None = None) -> list[int]:
@@ -93,15 +101,17 @@ def init_from_teacher_layers(student, teacher, stride: int | None = None) -> lis
     copied = {}
     for name, tensor in s_state.items():
         if name.startswith(prefix):
-            idx, rest = name[len(prefix):].split(".", 1)
+            idx, rest = name[len(prefix) :].split(".", 1)
             source = f"{prefix}{picked[int(idx)]}.{rest}"
         else:
             source = name
         if source in t_state and t_state[source].shape == tensor.shape:
             copied[name] = t_state[source].clone()
         else:
-            raise StillroomError(f"student tensor '{name}' has no same-shaped teacher tensor to copy",
-                                 "teacher-layers init needs the teacher's widths; use init=random to change them")
+            raise StillroomError(
+                f"student tensor '{name}' has no same-shaped teacher tensor to copy",
+                "teacher-layers init needs the teacher's widths; use init=random to change them",
+            )
     student.load_state_dict(copied, strict=True)
     return picked
 

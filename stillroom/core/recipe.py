@@ -39,7 +39,9 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     clip_grad: float | None = Field(1.0, gt=0)
-    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the student; saved student is the EMA")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay of the student; saved student is the EMA"
+    )
     seed: int = 0
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -117,7 +119,9 @@ def load_yaml(source: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise StillroomError(f"recipe '{path}' must be a mapping of sections", f"sections: {', '.join(SECTIONS)}")
+        raise StillroomError(
+            f"recipe '{path}' must be a mapping of sections", f"sections: {', '.join(SECTIONS)}"
+        )
     return data
 
 
@@ -150,7 +154,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
-                raise StillroomError(f"override '{key}': '{where}' is a value, not a section", "use its full path")
+                raise StillroomError(
+                    f"override '{key}': '{where}' is a value, not a section", "use its full path"
+                )
             node = child
         node[parts[-1]] = value
     return data
@@ -160,9 +166,7 @@ def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
     """Validates every section; `method_cls` defaults to the method named in the recipe."""
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise StillroomError(
-            f"recipe key '{unknown[0]}' is not accepted", f"accepted: {', '.join(SECTIONS)}"
-        )
+        raise StillroomError(f"recipe key '{unknown[0]}' is not accepted", f"accepted: {', '.join(SECTIONS)}")
     method_section = data.get("method") or {}
     if not isinstance(method_section, dict):
         raise StillroomError("recipe key 'method' must be a section with a 'name'", "e.g. method: {name: kd}")
@@ -204,7 +208,9 @@ def _section(prefix: str, model: type[BaseModel], value: Any) -> BaseModel:
             raise StillroomError(
                 f"recipe key '{dotted}' is not accepted", _accepted(_model_at(model, loc[:-1]))
             ) from None
-        raise StillroomError(f"recipe key '{dotted}': {first['msg']}", f"got {first.get('input')!r}") from None
+        raise StillroomError(
+            f"recipe key '{dotted}': {first['msg']}", f"got {first.get('input')!r}"
+        ) from None
 
 
 def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel]:

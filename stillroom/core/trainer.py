@@ -152,7 +152,9 @@ class Trainer:
         method: Method = method_cls(self.recipe, ctx)
         roles = method.build()
         if "student" not in roles or not roles["student"].trainable:
-            raise StillroomError(f"method '{method.name}' built no trainable 'student' role", "fix the plugin")
+            raise StillroomError(
+                f"method '{method.name}' built no trainable 'student' role", "fix the plugin"
+            )
         method.roles = roles
         for name, role in roles.items():
             role.module.to(self.device)
@@ -221,15 +223,21 @@ class Trainer:
         if resume:
             saved = self.run_dir / "recipe.yaml"
             if not latest and not saved.is_file():
-                raise StillroomError(f"nothing to resume in '{self.run_dir}': it has no complete checkpoint",
-                                     "run without --resume to start a new run")
+                raise StillroomError(
+                    f"nothing to resume in '{self.run_dir}': it has no complete checkpoint",
+                    "run without --resume to start a new run",
+                )
             if saved.is_file() and _read_yaml(saved) != _plain(self.recipe.to_dict()):
-                raise StillroomError(f"'{self.run_dir}' was started with a different recipe",
-                                     "resume with the same recipe and overrides, or choose another --out")
+                raise StillroomError(
+                    f"'{self.run_dir}' was started with a different recipe",
+                    "resume with the same recipe and overrides, or choose another --out",
+                )
             return
         if latest or (self.run_dir / "student").exists():
-            raise StillroomError(f"run directory '{self.run_dir}' already holds a run",
-                                 "pass --resume to continue it, or choose another --out")
+            raise StillroomError(
+                f"run directory '{self.run_dir}' already holds a run",
+                "pass --resume to continue it, or choose another --out",
+            )
 
     def _make_ema(self, student: torch.nn.Module) -> torch.nn.Module | None:
         if self.cfg.ema is None:
@@ -253,7 +261,9 @@ class Trainer:
                 continue
             params = role.parameters()
             if not params:
-                raise StillroomError(f"role '{name}' is trainable but has no parameters", "fix the method plugin")
+                raise StillroomError(
+                    f"role '{name}' is trainable but has no parameters", "fix the method plugin"
+                )
             optims[name] = torch.optim.AdamW(
                 params,
                 lr=role.lr or self.cfg.lr,
@@ -285,8 +295,9 @@ class Trainer:
         counts: dict[str, int] = {}
         for phase in method.phases(step):
             if phase.role not in optims:
-                raise StillroomError(f"method phase names role '{phase.role}' that has no optimizer",
-                                     "fix the method plugin")
+                raise StillroomError(
+                    f"method phase names role '{phase.role}' that has no optimizer", "fix the method plugin"
+                )
             role = roles[phase.role]
             opt = optims[phase.role]
             for _ in range(phase.repeats):
@@ -296,8 +307,10 @@ class Trainer:
                     with self._autocast():
                         out = method.loss(phase.role, batch, step)
                     if not torch.isfinite(out.loss):
-                        raise StillroomError(f"loss of role '{phase.role}' is {out.loss.item()} at step {step}",
-                                             "lower train.lr or enable train.clip_grad")
+                        raise StillroomError(
+                            f"loss of role '{phase.role}' is {out.loss.item()} at step {step}",
+                            "lower train.lr or enable train.clip_grad",
+                        )
                     (out.loss / self.cfg.grad_accum).backward()
                     for key, value in {f"loss/{phase.role}": out.loss.item(), **out.metrics}.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
@@ -310,7 +323,7 @@ class Trainer:
                     sums[f"grad_norm/{phase.role}"] = sums.get(f"grad_norm/{phase.role}", 0.0) + float(norm)
                     counts[f"grad_norm/{phase.role}"] = counts.get(f"grad_norm/{phase.role}", 0) + 1
                 opt.step()
-        for name, sched in scheds.items():
+        for sched in scheds.values():
             sched.step()
         metrics = {k: sums[k] / counts[k] for k in sums}
         metrics["lr"] = scheds["student"].get_last_lr()[0]
@@ -332,8 +345,9 @@ class Trainer:
                 "schedulers": {k: v.state_dict() for k, v in scheds.items()},
             }
             state = {"data_position": stream.position, "method": method.state_dict()}
-            path = checkpoint.save(self.run_dir / "checkpoints", run.step, modules, optim_state, state,
-                                   self.cfg.keep_checkpoints)
+            path = checkpoint.save(
+                self.run_dir / "checkpoints", run.step, modules, optim_state, state, self.cfg.keep_checkpoints
+            )
             self.host.call("on_checkpoint", run=run, step=run.step, path=path)
         distributed.barrier()
 
@@ -341,8 +355,10 @@ class Trainer:
         final = self._evaluate(method, student)
         replicas = distributed.gather(distributed.checksum(student))
         if len(set(replicas)) > 1:
-            raise StillroomError(f"the {len(replicas)} processes ended with different student weights",
-                                 "report this as a bug; the student was not saved")
+            raise StillroomError(
+                f"the {len(replicas)} processes ended with different student weights",
+                "report this as a bug; the student was not saved",
+            )
         student_dir = self.run_dir / "student"
         if self.rank == 0:
             with atomic_dir(student_dir) as tmp:
@@ -350,17 +366,20 @@ class Trainer:
                 write_json(tmp / "stillroom.json", self._student_card(method))
             if final:
                 self._log(run, {**{f"eval/{k}": v for k, v in final.items()}, "final": 1.0}, writer)
-            write_json(self.run_dir / "run.json", {
-                "format_version": 1,
-                "method": method.name,
-                "steps": run.step,
-                "world_size": self.world_size,
-                "replica_checksums": replicas,
-                "device": str(self.device),
-                "student": "student",
-                "final_eval": final,
-                "versions": versions(),
-            })
+            write_json(
+                self.run_dir / "run.json",
+                {
+                    "format_version": 1,
+                    "method": method.name,
+                    "steps": run.step,
+                    "world_size": self.world_size,
+                    "replica_checksums": replicas,
+                    "device": str(self.device),
+                    "student": "student",
+                    "final_eval": final,
+                    "versions": versions(),
+                },
+            )
             self.host.call("on_train_end", run=run, student_dir=student_dir)
         if writer is not None:
             writer.close()
@@ -421,8 +440,12 @@ class _progress_bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.enabled,
+            TextColumn("[bold]distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            disable=not self.enabled,
         )
         self.bar.start()
         self.task = self.bar.add_task("distill", total=self.total, completed=self.start, info="")
@@ -440,8 +463,9 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise StillroomError(f"run file '{path}' is unreadable or corrupt",
-                             "restore it, or start a new run with another --out") from err
+        raise StillroomError(
+            f"run file '{path}' is unreadable or corrupt", "restore it, or start a new run with another --out"
+        ) from err
 
 
 def _plain(obj: Any) -> Any:

@@ -43,8 +43,17 @@ def to_onnx(
 
         if steps is not None:
             log.warning("--steps applies to generators; ignored for a causal LM")
-        return export_causal_lm(src, out, opset=opset, int8=int8, fp16=fp16, optimize=optimize, fused=fused,
-                                last_logits=last_logits, weight_only=weight_only)
+        return export_causal_lm(
+            src,
+            out,
+            opset=opset,
+            int8=int8,
+            fp16=fp16,
+            optimize=optimize,
+            fused=fused,
+            last_logits=last_logits,
+            weight_only=weight_only,
+        )
     from stillroom.export.onnx_generator import export_generator
 
     return export_generator(src, out, steps=steps, opset=opset, fp16=fp16, int8=int8)
@@ -110,11 +119,18 @@ def _remove_interrupted(out: Path) -> None:
 @click.option("--fp16", is_flag=True, help="float16 graph (for GPUs), validated at task level.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--optimize", is_flag=True, help="Apply onnxruntime.transformers fusions (validated).")
-@click.option("--fused", is_flag=True,
-              help="LMs (Llama/Mistral/Qwen2): build the graph from ORT fused ops (GroupQueryAttention, ...).")
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="LMs (Llama/Mistral/Qwen2): build the graph from ORT fused ops (GroupQueryAttention, ...).",
+)
 @click.option("--last-logits", is_flag=True, help="LMs: compute the vocabulary projection only where needed.")
-@click.option("--weight-only", type=click.Choice(["int4", "int8"]), default=None,
-              help="LMs: weight-only quantisation with ORT MatMulNBits, validated at task level.")
+@click.option(
+    "--weight-only",
+    type=click.Choice(["int4", "int8"]),
+    default=None,
+    help="LMs: weight-only quantisation with ORT MatMulNBits, validated at task level.",
+)
 @click.option("--profile", multiple=True, help="TensorRT: DIM=MIN:OPT:MAX, e.g. batch_size=1:4:16.")
 @click.option("--name", default=None, help="Triton: model name (default: the output folder's name).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton: instances per device.")

@@ -10,8 +10,8 @@ import numpy as np
 from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
 from stillroom.serve.artifact_tokenizer import load_tokenizer
-from stillroom.serve.loaded import ImageGenerator, LanguageModel
 from stillroom.serve.fast_lm import FastLM
+from stillroom.serve.loaded import ImageGenerator, LanguageModel
 from stillroom.serve.ort_session import GPU_PROVIDERS, SessionOptions, open_session
 
 

@@ -20,19 +20,54 @@ from stillroom.core.errors import StillroomError
 from tests.conftest import lm_recipe
 
 SECTIONS = ["method", "teacher", "student", "data", "train", "export", "bench", "bogus"]
-KEYS = ["name", "steps", "lr", "temperature", "kd_ratio", "path", "config", "init", "source", "seq_len",
-        "batch_size", "ema", "schedule", "device", "divergence", "x", "", "..", "a.b", "🙂"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=20), st.just("kd"), st.just("../../etc/passwd"))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)),
-                      max_leaves=6)
-recipes_st = st.dictionaries(st.sampled_from(SECTIONS), st.one_of(values, st.dictionaries(st.sampled_from(KEYS),
-                                                                                       values, max_size=4)),
-                             max_size=5)
-override_st = st.builds(lambda k, v: f"{k}={v}", st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz._=[]{}:-0123456789 "),
-                                                         max_size=20),
-                        st.text(max_size=15))
+KEYS = [
+    "name",
+    "steps",
+    "lr",
+    "temperature",
+    "kd_ratio",
+    "path",
+    "config",
+    "init",
+    "source",
+    "seq_len",
+    "batch_size",
+    "ema",
+    "schedule",
+    "device",
+    "divergence",
+    "x",
+    "",
+    "..",
+    "a.b",
+    "🙂",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.just("kd"),
+    st.just("../../etc/passwd"),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+recipes_st = st.dictionaries(
+    st.sampled_from(SECTIONS),
+    st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=4)),
+    max_size=5,
+)
+override_st = st.builds(
+    lambda k, v: f"{k}={v}",
+    st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz._=[]{}:-0123456789 "), max_size=20),
+    st.text(max_size=15),
+)
 
 
 def single_line(err: BaseException) -> bool:
@@ -60,7 +95,9 @@ def test_any_override_is_applied_or_one_line_error(overrides):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(override_st, min_size=1, max_size=3))
-def test_cli_rejects_bad_input_cleanly_and_writes_nothing(tmp_path, capsys, tiny_teacher, corpus_dir, overrides):
+def test_cli_rejects_bad_input_cleanly_and_writes_nothing(
+    tmp_path, capsys, tiny_teacher, corpus_dir, overrides
+):
     work = tmp_path / "cwd"
     work.mkdir(exist_ok=True)
     recipe = work / "r.yaml"

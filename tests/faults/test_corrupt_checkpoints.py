@@ -37,15 +37,23 @@ def test_malicious_pickle_is_refused_and_never_runs(finished_run, tmp_path, targ
     marker = tmp_path / "pwned"
     with open(latest / target, "wb") as fh:
         pickle.dump({"optimizers": Exploit(marker)}, fh)
-    with pytest.raises(StillroomError, match=f"checkpoint file '.*{target}' holds objects that are not plain"):
+    with pytest.raises(
+        StillroomError, match=f"checkpoint file '.*{target}' holds objects that are not plain"
+    ):
         Trainer(rec, run).fit(resume=True)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("target", "damage"), [
-    ("student.safetensors", "truncate"), ("student.safetensors", "garbage"),
-    ("optim.pt", "truncate"), ("rng.pt", "garbage"), ("state.json", "garbage"),
-])
+@pytest.mark.parametrize(
+    ("target", "damage"),
+    [
+        ("student.safetensors", "truncate"),
+        ("student.safetensors", "garbage"),
+        ("optim.pt", "truncate"),
+        ("rng.pt", "garbage"),
+        ("state.json", "garbage"),
+    ],
+)
 def test_corrupt_checkpoint_files_are_named(finished_run, target, damage):
     rec, run, latest = finished_run
     path = latest / target

@@ -19,8 +19,13 @@ STEPS = 24
 
 
 def distill(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([STILLROOM, "distill", str(recipe), "--out", str(out), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env())
+    return subprocess.Popen(
+        [STILLROOM, "distill", str(recipe), "--out", str(out), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
 
 
 def last_step(run: Path) -> int:
@@ -70,8 +75,11 @@ def reference(tmp_path_factory, tiny_teacher, corpus_dir):
     recipe = root / "recipe.yaml"
     import yaml
 
-    recipe.write_text(yaml.safe_dump(lm_recipe(tiny_teacher, corpus_dir, steps=STEPS, checkpoint_every=1,
-                                               ema=0.9, lr=0.003)))
+    recipe.write_text(
+        yaml.safe_dump(
+            lm_recipe(tiny_teacher, corpus_dir, steps=STEPS, checkpoint_every=1, ema=0.9, lr=0.003)
+        )
+    )
     proc = distill(recipe, root / "run")
     assert proc.wait() == 0, proc.stderr.read()
     return recipe, weights(root / "run" / "student")
