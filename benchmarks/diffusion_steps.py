@@ -5,20 +5,26 @@ with FID-like (classifier features, NOT Inception FID), class accuracy, diversit
 real digits) and wall time per image, and saves a PNG sample grid per row beside the table.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/diffusion_steps.py --out runs/diffusion_steps \
-        --train-steps 200 --per-class 30
+        --train-steps progressive=70,consistency=80,dmd2=40,vsd=40 --per-class 10
 
-Students are trained by the shipped recipes (``stillroom/recipes/mnist-*.yaml``) with
-``train.steps`` overridden; an existing run directory is reused.
+Students are trained by the shipped recipes (``stillroom/recipes/mnist-*.yaml``) with ``train.steps``
+(one number, or ``method=N,...``) and ``student.steps`` overridden: one student per step count in
+``--train-for`` (default 1 and 4); a row whose step count has no student of its own retargets the
+nearest trained student (``load_generator(..., steps=k)``) and says so in the ``trained_for`` column.
+An existing run directory is reused. The teacher samples with its own DDIM (x0 clipped as its
+scheduler config says).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from stillroom.core.fsio import write_json, write_text
 
 METHODS = {
     "progressive": "mnist-progressive",
@@ -43,6 +49,15 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     Image.fromarray(grid.numpy()).save(path)
 
 
+def parse_budgets(text: str) -> dict[str, int]:
+    """``"200"`` -> {"*": 200}; ``"dmd2=40,vsd=30"`` -> {"dmd2": 40, "vsd": 30}."""
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.rpartition("=")
+        out[name or "*"] = int(n)
+    return out
+
+
 def timed(fn, noise, labels, batch=250):
     start = time.perf_counter()
     with torch.no_grad():
@@ -55,7 +70,9 @@ def timed(fn, noise, labels, batch=250):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/diffusion_steps")
-    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--train-steps", default="200", help="N, or method=N,... per method")
+    ap.add_argument("--train-for", default="1,4", help="student step counts that get their own student")
+    ap.add_argument("--extra", default="", help="extra recipe overrides for every student, space separated")
     ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--teacher-steps", default="50,25,10,4,1")
@@ -83,23 +100,35 @@ def main() -> None:
     )
     rows = []
 
-    def record(name: str, steps: int, images: torch.Tensor, per_image: float) -> None:
+    def record(name: str, steps: int, images: torch.Tensor, per_image: float, trained_for: int = 0) -> None:
         metrics = evaluate_images(images, labels, classifier)
         grid = out / f"{name}-{steps}step.png"
         first = images.view(10, args.per_class, *images.shape[1:])[:, :8]  # 8 samples of each digit
         save_grid(first.reshape(-1, *images.shape[1:]), grid, 8)
         rows.append(
-            {"model": name, "steps": steps, **metrics, "ms_per_image": per_image * 1e3, "grid": str(grid)}
+            {
+                "model": name,
+                "steps": steps,
+                "trained_for": trained_for or None,
+                **metrics,
+                "ms_per_image": per_image * 1e3,
+                "grid": str(grid),
+            }
         )
         print(
-            f"{name:<14}{steps:>6}{metrics['fid_like']:>10.2f}{metrics['class_accuracy']:>9.3f}"
-            f"{metrics['diversity']:>10.3f}{metrics['recall']:>8.3f}{per_image * 1e3:>10.2f}",
+            f"{name:<14}{steps:>6}{(trained_for or '-'):>8}{metrics['fid_like']:>10.2f}"
+            f"{metrics['class_accuracy']:>9.3f}{metrics['diversity']:>10.3f}{metrics['recall']:>8.3f}"
+            f"{per_image * 1e3:>10.2f}",
             flush=True,
         )
 
-    print(f"{'model':<14}{'steps':>6}{'fid_like':>10}{'acc':>9}{'divers.':>10}{'recall':>8}{'ms/img':>10}")
+    budgets = parse_budgets(args.train_steps)
+    print(
+        f"{'model':<14}{'steps':>6}{'trained':>8}{'fid_like':>10}{'acc':>9}{'divers.':>10}{'recall':>8}"
+        f"{'ms/img':>10}"
+    )
     guidance = 2.0
-    for steps in [int(s) for s in args.teacher_steps.split(",")]:
+    for steps in [int(s) for s in args.teacher_steps.split(",") if s]:
 
         def sample(z, y, steps=steps):
             cond, uncond = dm.class_cond(y, teacher.null_class)
@@ -108,32 +137,62 @@ def main() -> None:
         images, per = timed(sample, noise, labels)
         record("teacher", steps, images, per)
 
+    train_for = [int(k) for k in args.train_for.split(",")]
     for method in args.methods.split(","):
-        run_dir = out / "runs" / method
-        student = run_dir / "student"
-        if not student.is_dir():
+        students = {}
+        for k in train_for:
+            if method == "vsd" and k != 1:  # SwiftBrush/SNOOPI students are one-step by construction
+                continue
+            run_dir = out / "runs" / f"{method}-{k}step"
+            students[k] = run_dir / "student"
+            if students[k].is_dir():
+                continue
+            n = budgets.get(method, budgets.get("*", 200))
             rec = recipes.load(
                 METHODS[method],
                 [
-                    f"train.steps={args.train_steps}",
+                    f"train.steps={n}",
+                    f"student.steps={k}",
                     "train.device=cpu",
                     "train.tensorboard=false",
-                    "train.log_every=25",
+                    "train.log_every=10",
                     f"teacher.path={args.teacher}",
+                    *args.extra.split(),
                 ],
             )
             started = time.perf_counter()
             Trainer(rec, run_dir).fit()
             print(
-                f"# trained {method} for {args.train_steps} steps in {time.perf_counter() - started:.0f}s",
+                f"# trained {method} {k}-step for {n} steps in {time.perf_counter() - started:.0f}s",
                 flush=True,
             )
         for steps in [int(s) for s in args.student_steps.split(",")]:
-            g = load_generator(student, steps=steps)
+            k = min(students, key=lambda k: (abs(k - steps), -k))
+            g = load_generator(students[k], steps=steps)
             images, per = timed(lambda z, y, g=g: g(z, y), noise, labels)
-            record(method, steps, images, per)
-    (out / "table.json").write_text(json.dumps(rows, indent=2))
-    print(f"# table: {out / 'table.json'}; grids: {out}/*.png")
+            record(method, steps, images, per, k)
+    write_json(out / "table.json", rows)
+    write_text(out / "table.md", markdown(rows, args))
+    print(f"# table: {out / 'table.md'} (and table.json); grids: {out}/*.png")
+
+
+def markdown(rows: list[dict], args) -> str:
+    """The table as markdown, with the command line that produced it."""
+    lines = [
+        "FID-like = Frechet distance on the shipped MNIST classifier's features (NOT Inception FID);",
+        f"{args.per_class} samples per class, CFG 2.0 for the teacher (students have it baked in).",
+        "",
+        "| model | steps | student trained for | FID-like | class acc. | diversity | recall | ms/image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['trained_for'] or '-'} | {r['fid_like']:.2f} | "
+            f"{r['class_accuracy']:.3f} | {r['diversity']:.3f} | {r['recall']:.3f} | "
+            f"{r['ms_per_image']:.1f} |"
+        )
+    lines += ["", "    " + " ".join(["python", *sys.argv]), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

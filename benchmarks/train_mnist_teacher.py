@@ -25,6 +25,9 @@ Design choices, and why:
   clock is this process's CPU time (``--clock cpu``), so "15 minutes at 1 thread" means the same
   amount of training on a shared, busy machine as on an idle one; ``--clock wall`` uses elapsed
   time. Pass ``--steps N`` to pin the count (TRAINING.md records N for an exact rerun).
+- Guidance: the recommended w is the first ``--cfg`` value (1.25). In a 15-minute budget the
+  null-class branch sees only ~12% of the samples, and larger w (2.0) amplifies its errors along
+  many-step DDIM trajectories (fine at 10 steps, worse at 50); TRAINING.md shows both.
 - EMA of the weights (decay warmed up as min(d, (1+n)/(10+n))) is what gets saved: with a short run
   EMA samples are visibly cleaner than the raw weights.
 
@@ -222,7 +225,8 @@ def train(args) -> dict:
 
 
 def evaluate(args) -> dict:
-    """Quality at each DDIM step count: 50 samples per class, the same noise for every step count."""
+    """Quality for each (CFG scale, DDIM step count): ``--per-class`` samples per class, the same
+    initial noise for every row, so rows differ only in the sampler settings."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(args.out, subfolder="unet").eval()
@@ -231,22 +235,23 @@ def evaluate(args) -> dict:
     labels = torch.arange(10).repeat_interleave(args.per_class)
     rows = []
     grid = None
-    for steps in args.eval_steps:
-        t0 = time.time()
-        imgs = sample_ddim(unet, sched_cfg, labels, steps, args.cfg, torch.Generator().manual_seed(1234))
-        m = evaluate_images(imgs, labels, clf)
-        rows.append(
-            {
-                "sampler": f"DDIM {steps} steps",
-                "steps": steps,
-                "cfg": args.cfg,
-                **{k: round(v, 4) for k, v in m.items()},
-                "seconds": round(time.time() - t0, 1),
-            }
-        )
-        print(rows[-1], flush=True)
-        if grid is None:  # the first (most accurate) step count makes the sample grid
-            grid = imgs.view(10, args.per_class, 1, 28, 28)[:, :10].reshape(-1, 1, 28, 28)
+    for w in args.cfg:
+        for steps in args.eval_steps:
+            t0 = time.time()
+            imgs = sample_ddim(unet, sched_cfg, labels, steps, w, torch.Generator().manual_seed(1234))
+            m = evaluate_images(imgs, labels, clf)
+            rows.append(
+                {
+                    "sampler": f"DDIM {steps} steps",
+                    "steps": steps,
+                    "cfg": w,
+                    **{k: round(v, 4) for k, v in m.items()},
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
+            print(rows[-1], flush=True)
+            if grid is None:  # the first row (recommended w, most steps) makes the sample grid
+                grid = imgs.view(10, args.per_class, 1, 28, 28)[:, :10].reshape(-1, 1, 28, 28)
     save_grid(grid, 10, args.out / "samples.png")
 
     # Floor for reference: real train images (same count, 50 per class) scored against eval.
@@ -264,7 +269,7 @@ def evaluate(args) -> dict:
     )
     feats, _ = extract(clf, train_x[pick])
     assert abs(fid_like(feats, feats)) < 1e-6
-    return {"per_class": args.per_class, "num_samples": len(labels), "cfg": args.cfg, "rows": rows}
+    return {"per_class": args.per_class, "num_samples": len(labels), "cfg": args.cfg[0], "rows": rows}
 
 
 def write_report(out: Path, record: dict) -> None:
@@ -281,6 +286,11 @@ def write_report(out: Path, record: dict) -> None:
         "```",
         "",
         f"Exact rerun of this training (same steps, same seeds): `{tr['command']}`",
+        *(
+            ["", f"Quality table below re-measured with `{record['eval_invocation']}`."]
+            if "eval_invocation" in record
+            else []
+        ),
         "",
         "## Configuration",
         "",
@@ -300,25 +310,30 @@ def write_report(out: Path, record: dict) -> None:
         "",
         f"{ev['num_samples']} samples ({ev['per_class']} per class), DDIM (eta 0, "
         f"`DDIMScheduler.from_config` of the saved scheduler, trailing timesteps), "
-        f"classifier-free guidance w = {ev['cfg']} "
-        "(eps = eps_null + w (eps_y - eps_null)), same initial noise for every row. Metrics from "
+        "classifier-free guidance (eps = eps_null + w (eps_y - eps_null)); **recommended w = "
+        f"{ev['cfg']}** (the first one listed, used for `samples.png`). Same initial noise for every "
+        "row. Metrics from "
         "`stillroom.core.image_metrics.evaluate_images` against the 1000-image eval split: `fid_like` is a "
         "Fréchet distance in the shipped MNIST classifier's 128-d feature space (**not Inception FID**; "
         "lower is better), `class_accuracy` = classifier agrees with the requested class, `diversity` = "
         "within-class feature spread relative to real eval digits (1 = as varied as real), "
         "`recall` = per-class k-NN recall (k=3).",
         "",
-        "| sampler | fid_like | class_accuracy | diversity | recall | sampling time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| sampler | CFG w | fid_like | class_accuracy | diversity | recall | sampling time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ev["rows"]:
+        w = "-" if r["cfg"] is None else r["cfg"]
         lines.append(
-            f"| {r['sampler']} | {r['fid_like']:.2f} | {r['class_accuracy']:.3f} | {r['diversity']:.3f} "
-            f"| {r['recall']:.3f} | {r['seconds']} |"
+            f"| {r['sampler']} | {w} | {r['fid_like']:.2f} | {r['class_accuracy']:.3f} "
+            f"| {r['diversity']:.3f} | {r['recall']:.3f} | {r['seconds']} |"
         )
     lines += [
         "",
         "`samples.png`: one row per class (0-9), first 10 samples of the first row of the table.",
+        "",
+        "The reference row scores real digits the same way; its `fid_like` is the floor at this sample "
+        "count (not 0: two finite samples of one distribution differ).",
         "",
     ]
     (out / "TRAINING.md").write_text("\n".join(lines))
@@ -341,7 +356,12 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.997)
     ap.add_argument("--channels", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 32, 64))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cfg", type=float, default=2.0, help="CFG scale w for the quality table")
+    ap.add_argument(
+        "--cfg",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=[1.25, 2.0],
+        help="CFG scales w for the quality table; the first is the recommended one",
+    )
     ap.add_argument("--per-class", type=int, default=50, help="samples per class for the quality table")
     ap.add_argument("--eval-steps", type=lambda s: [int(v) for v in s.split(",")], default=[50, 25, 10])
     ap.add_argument("--eval-only", action="store_true", help="skip training; re-measure the teacher in --out")
@@ -351,6 +371,7 @@ def main() -> None:
     record_path = args.out / "training.json"
     if args.eval_only:
         record = json.loads(record_path.read_text())
+        record["eval_invocation"] = "python benchmarks/train_mnist_teacher.py " + " ".join(sys.argv[1:])
     else:
         record = {
             "invocation": "python benchmarks/train_mnist_teacher.py " + " ".join(sys.argv[1:]),

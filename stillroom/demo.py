@@ -38,7 +38,7 @@ class Plan:
     """Sizes of every stage: the full demo, or the --fast smoke variant."""
 
     generator_steps: tuple[int, ...] = (1, 4)
-    generator_overrides: dict[int, list[str]] = field(default_factory=dict)
+    generator_overrides: dict[int, list[str]] = field(default_factory=dict)  # per student step count
     lm_overrides: list[str] = field(default_factory=list)
     lm_batches: list[int] = field(default_factory=lambda: [1, 8])
     generator_batches: list[int] = field(default_factory=lambda: [1, 16])
@@ -48,13 +48,15 @@ class Plan:
 
 
 FULL = Plan(
-    generator_overrides={1: [], 4: []},
-    lm_overrides=["train.steps=300", "train.eval_every=0"],
+    generator_overrides={1: ["student.steps=1"], 4: ["student.steps=4"]},
+    lm_overrides=["train.steps=200", "train.batch_size=8", "train.eval_every=0"],
+    quality_samples=100,
 )
 FAST = Plan(
+    generator_steps=(1, 2),
     generator_overrides={
-        1: ["train.steps=3", "train.batch_size=4"],
-        4: ["train.steps=3", "train.batch_size=4"],
+        1: ["student.steps=1", "train.steps=3", "train.batch_size=4"],
+        2: ["student.steps=2", "train.steps=2", "train.batch_size=4"],
     },
     lm_overrides=[
         "train.steps=3",
@@ -150,7 +152,7 @@ class Demo:
         generators = {}
         for k in self.plan.generator_steps:
             name = f"mnist-{k}step"
-            overrides = [f"student.steps={k}", *self.plan.generator_overrides.get(k, [])]
+            overrides = self.plan.generator_overrides[k]
             generators[name] = self._timed(f"distill {name}", self.distill, name, GENERATOR_RECIPE, overrides)
         lm_student = self._timed(
             "distill lm", self.distill, "shakespeare-lm", LM_RECIPE, self.plan.lm_overrides

@@ -56,6 +56,7 @@ def test_consistency_parametrisation_is_identity_at_the_boundary():
     method.abar = abar64().float()
     method.params = type("P", (), {"sigma_data": 0.5, "timestep_scaling": 10.0})()
     method.teacher = type("T", (), {"prediction": "epsilon"})()
+    method.student_prediction = "epsilon"
     x = torch.randn(2, 1, 4, 4)
     t = torch.tensor([0, 400])
     f = method.consistency_fn(Recorder(), x, t, t.clone(), {"class_labels": torch.tensor([1, 2])}, None)
@@ -201,3 +202,91 @@ def test_segment_schedule_lands_each_step_on_the_next_segment():
         0,
     ]
     assert math.isclose(float(gen.consistency_scalings(torch.tensor(0.0))[0]), 1.0)
+
+
+COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": True}
+
+
+def cosine_abar64():
+    """abar_t of the squaredcos_cap_v2 schedule in float64 (Nichol & Dhariwal 2021, betas capped at 0.999)."""
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = torch.tensor([min(1 - f((i + 1) / 1000) / f(i / 1000), 0.999) for i in range(1000)])
+    return torch.cumprod(1 - betas.double(), 0)
+
+
+def test_student_predicts_v_where_epsilon_would_explode():
+    from stillroom.plugins.diffusion.base import student_prediction
+
+    ab = cosine_abar64()
+    assert torch.allclose(gen.alphas_cumprod(COSINE), ab, rtol=1e-6)
+    assert float(ab[-1]) ** 0.5 < 1e-4  # x0 = (x - sigma eps) / alpha amplifies eps errors by > 1e4
+    assert student_prediction("auto", "epsilon", float(ab[-1])) == "v_prediction"
+    sd = gen.alphas_cumprod(
+        {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        }
+    )
+    assert student_prediction("auto", "epsilon", float(sd[-1])) == "epsilon"  # SD: 1/alpha ~ 15, as DMD2
+    assert student_prediction("epsilon", "epsilon", float(ab[-1])) == "epsilon"
+    assert student_prediction("auto", "v_prediction", float(ab[-1])) == "v_prediction"
+
+
+def test_v_student_generator_matches_a_float64_reference():
+    ab = cosine_abar64()
+    ts = gen.ddim_timesteps(COSINE, 2)
+    g = gen.FewStepGenerator(Recorder(), sampler(ts, prediction="v_prediction"), ab)
+    noise, labels = torch.randn(2, 1, 4, 4), torch.tensor([3, 7])
+    x, lab = noise.double(), labels.double().view(-1, 1, 1, 1)
+    for i, t in enumerate(ts):
+        nxt = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+        v = ref_eps(x, t, lab)  # the Recorder's output read as v = alpha eps - sigma x0
+        x0, eps = ab[t].sqrt() * x - (1 - ab[t]).sqrt() * v, (1 - ab[t]).sqrt() * x + ab[t].sqrt() * v
+        x = nxt.sqrt() * x0 + (1 - nxt).sqrt() * eps
+    assert torch.allclose(g(noise, labels).double(), x.clamp(-1, 1), atol=1e-4)
+
+
+def test_teacher_step_clips_x0_and_rederives_eps_like_diffusers_ddim():
+    from diffusers import DDIMScheduler
+
+    from stillroom.plugins.diffusion.base import DiffusionMethod
+
+    method = DiffusionMethod.__new__(DiffusionMethod)
+    method.abar = cosine_abar64().float()
+    method.teacher = type("T", (), {"prediction": "epsilon"})()
+    method.clip_x0 = 1.0
+    sched = DDIMScheduler.from_config(COSINE, timestep_spacing="trailing", set_alpha_to_one=True)
+    sched.set_timesteps(10)
+    torch.manual_seed(0)
+    x, labels = torch.randn(3, 1, 4, 4), torch.tensor([1, 4, 9])
+    for t, t_next in ((999, 899), (499, 399)):
+        tt = torch.full((3,), t)
+        x0, eps = method.x0_eps(Recorder(), x, tt, {"class_labels": labels})
+        a, s = method.coeffs(torch.full((3,), t_next))
+        ours = gen.ddim_step(x0, eps, a, s)
+        ref_out = ref_eps(x.double(), t, labels.double().view(-1, 1, 1, 1))
+        ref = sched.step(ref_out, t, x.double(), use_clipped_model_output=True).prev_sample
+        assert x0.abs().max() <= 1.0
+        assert torch.allclose(ours.double(), ref, atol=1e-4)
+    # without the clamp the first step of this schedule is off by orders of magnitude
+    method.clip_x0 = None
+    x0, _ = method.x0_eps(Recorder(), x, torch.full((3,), 999), {"class_labels": labels})
+    assert x0.abs().max() > 100
+
+
+def test_hybrid_teacher_clips_x0_when_its_scheduler_does():
+    ab = cosine_abar64()
+    teacher, student = Recorder(), Recorder()
+    s = gen.with_hybrid(sampler([999, 499]), "unused", 1000, 1, 499, None, "epsilon", 1.0)
+    g = gen.FewStepGenerator(student, s, ab, teacher_unet=teacher)
+    noise, labels = torch.randn(2, 1, 4, 4), torch.tensor([1, 5])
+    g(noise, labels)
+    x, lab = noise.double(), labels.double().view(-1, 1, 1, 1)
+    eps = ref_eps(x, 999, lab)
+    x0 = ((x - (1 - ab[999]).sqrt() * eps) / ab[999].sqrt()).clamp(-1, 1)
+    eps = (x - ab[999].sqrt() * x0) / (1 - ab[999]).sqrt()  # re-derived from the clipped x0
+    x = ab[499].sqrt() * x0 + (1 - ab[499]).sqrt() * eps
+    assert torch.allclose(student.calls[0][1].double(), x, atol=1e-4)
+    assert gen.retarget(s, COSINE, 2)["hybrid"]["clip_sample"] == 1.0

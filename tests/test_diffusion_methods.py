@@ -36,7 +36,7 @@ def falls(values, frac=0.9):
     "method,key",
     [
         ({"name": "progressive", "start_steps": 4, "steps_per_round": 100}, "loss/student"),
-        ({"name": "consistency", "ddim_steps": 10, "loss_type": "huber", "target_ema": 0.5}, "loss/student"),
+        ({"name": "consistency", "ddim_steps": 10, "loss_type": "huber", "target_ema": 0.9}, "loss/student"),
         ({"name": "dmd2", "critic_updates": 2, "gan_weight": 0.1, "critic_lr": 0.01}, "critic_denoise"),
         ({"name": "vsd", "critic": "copy", "critic_lr": 0.01}, "critic_denoise"),
     ],

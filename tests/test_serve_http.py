@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import threading
 
 import httpx
 import pytest
@@ -171,10 +172,13 @@ def test_concurrent_requests_are_batched_and_correct(server):
     model, url = server
     prompts = ["To be", "The slings and arrows", "No more", "Devoutly", "That flesh", "Or to take arms"]
 
+    start = threading.Barrier(len(prompts))
+
     def call(prompt):
-        r = httpx.post(
-            f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}, timeout=60
-        )
+        with httpx.Client(timeout=60) as client:
+            start.wait()  # all requests leave together, also on a loaded machine
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
+            r = client.post(f"{url}/v1/completions", json=body)
         return r.json()["choices"][0]["text"]
 
     before = _batch_histogram(httpx.get(f"{url}/metrics").text)

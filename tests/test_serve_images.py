@@ -92,7 +92,8 @@ def test_ort_generator_matches_torch_student(generator_student, generator_artifa
     a = ort_gen.generate(noise, class_labels=labels)
     b = torch_gen.generate(noise, class_labels=labels)
     assert a.shape == (3, 1, 28, 28) and np.abs(a).max() <= 1.0
-    np.testing.assert_allclose(a, b, atol=1e-4)
+    # the export's own tolerance: half an 8-bit grey level (stillroom/export/generator_validation.py)
+    np.testing.assert_allclose(a, b, atol=1 / 255)
     assert not np.allclose(a[0], a[1])  # labels and noise matter
 
 

@@ -134,7 +134,7 @@ class Consistency(DiffusionMethod):
             kwargs["timestep_cond"] = embed
         out = unet(x, t, **{k: v for k, v in kwargs.items() if v is not None}).sample
         a, s = self.coeffs(t)
-        x0, eps = gen.to_x0_eps(out, x, a, s, self.teacher.prediction)
+        x0, eps = gen.to_x0_eps(out, x, a, s, self.student_prediction)
         a_e, s_e = self.coeffs(e)
         c_skip, c_out = gen.consistency_scalings(t - e, self.params.sigma_data, self.params.timestep_scaling)
         c_skip, c_out = (c.to(x.dtype).view(-1, 1, 1, 1) for c in (c_skip, c_out))

@@ -8,9 +8,14 @@ the student's x-target is the clean image that makes *one* DDIM step from z_t la
     x_tilde = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
 
 and the loss is w(lambda_t) ||x_tilde - x_hat_eta(z_t)||^2 with truncated-SNR weighting
-w = max(alpha_t^2 / sigma_t^2, 1). Round 0's teacher is the original teacher with classifier-free
-guidance; each later round's teacher is the previous round's student (guidance already baked in).
-Rounds take ``steps_per_round`` optimizer steps each: start_steps -> start_steps/2 -> ... -> student.steps.
+w = max(alpha_t^2 / sigma_t^2, 1). The student predicts v (``student.prediction``, see
+``base.student_prediction``): x_hat = alpha_t z_t - sigma_t v_hat stays bounded at t = T - 1, where an
+epsilon student's x_hat = (z_t - sigma_t eps_hat) / alpha_t turns an eps error of 0.03 into an x error
+of 600 on the cosine schedule (the paper's sec. 4 reason for x/v parametrisations). The teacher's
+DDIM steps clamp x0 as its scheduler does (``clip_sample``). Round 0's teacher is the original
+teacher with classifier-free guidance; each later round's teacher is the previous round's student
+(guidance already baked in). Rounds take ``steps_per_round`` optimizer steps each (default:
+train.steps / rounds): start_steps -> start_steps/2 -> ... -> student.steps.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ class ProgressiveParams(DiffusionParams):
     start_steps: int = Field(
         32, ge=2, description="teacher DDIM steps of round 0 (a power of two times student)"
     )
-    steps_per_round: int = Field(100, gt=0, description="optimizer steps per halving")
+    steps_per_round: int | None = Field(
+        None, gt=0, description="optimizer steps per halving (default: train.steps split evenly over rounds)"
+    )
 
 
 def progressive_target(z_t, z_tpp, a_t, s_t, a_tpp, s_tpp):
@@ -58,11 +65,12 @@ class Progressive(DiffusionMethod):
                 "e.g. start_steps=32 with student.steps=1",
             )
         self.rounds, self.round = int(rounds), 0
+        self.steps_per_round = p.steps_per_round or max(1, self.recipe.train.steps // self.rounds)
         self.previous = copy.deepcopy(self.student).eval().requires_grad_(False)
         return {"previous": Role(self.previous, trainable=False, checkpoint=True)}
 
     def current_round(self, step: int) -> int:
-        return min(step // self.params.steps_per_round, self.rounds - 1)
+        return min(step // self.steps_per_round, self.rounds - 1)
 
     def grids(self, rnd: int) -> tuple[list[int], list[int]]:
         """(teacher 2N-step grid, student N-step grid) of round ``rnd`` (trailing DDIM spacing)."""
@@ -99,7 +107,7 @@ class Progressive(DiffusionMethod):
         a_t, s_t = self.coeffs(t)
         a_tpp, s_tpp = self.coeffs(tpp)
         target = progressive_target(z_t, z_tpp, a_t, s_t, a_tpp, s_tpp)
-        x_hat, _ = self.x0_eps(self.student, z_t, t, batch["cond"])
+        x_hat, _ = self.student_x0_eps(self.student, z_t, t, batch["cond"])
         weight = (a_t**2 / s_t**2).clamp(min=1.0)
         loss = (weight * (x_hat.float() - target.float()) ** 2).mean()
         return StepOutput(loss, {"round": float(self.round)})
@@ -110,7 +118,7 @@ class Progressive(DiffusionMethod):
                 self.teacher.unet, z, t, batch["cond"], batch["uncond"], self.recipe.teacher.guidance
             )
         else:
-            x0, eps = self.x0_eps(self.previous, z, t, batch["cond"])
+            x0, eps = self.student_x0_eps(self.previous, z, t, batch["cond"])
         a, s = self.coeffs(t_next)
         return gen.ddim_step(x0, eps, a, s)
 
