@@ -380,5 +380,7 @@ def print_summary(combined: dict[str, Any], out: Path) -> None:
             _fmt(r["quality_ratio"]),
         )
     console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table to 80 columns
+        console = Console(width=140)
     console.print(table)
     console.print(f"total {combined['timings_s']['total']} s; report: {out / 'report.html'}")
