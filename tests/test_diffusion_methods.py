@@ -10,8 +10,8 @@ import torch
 from stillroom.core import recipe as recipes
 from stillroom.core.generator import load_generator
 from stillroom.core.trainer import Trainer
+from stillroom.tiny import build_caption_folder
 from tests.test_diffusion_fixtures import (  # noqa: F401 - fixtures
-    build_caption_folder,
     class_teacher,
     diffusion_recipe,
     label_folder,

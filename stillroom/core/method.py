@@ -117,22 +117,22 @@ class Method:
     # -- set-up -----------------------------------------------------------------------------
     def build(self) -> dict[str, Role]:
         """Create the roles on ``self.ctx.device``; must include a trainable ``student``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} must implement build()")
 
     def dataset(self) -> Any:
         """A map-style dataset (``__len__``/``__getitem__``); the trainer picks the indices."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} must implement dataset()")
 
     def collate(self, items: list[Any]) -> Any:
         """Turns a list of dataset items into a batch on ``self.ctx.device``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} must implement collate()")
 
     # -- training ----------------------------------------------------------------------------
     def phases(self, step: int) -> list[Phase]:
         return [Phase("student")]
 
     def loss(self, role: str, batch: Any, step: int) -> StepOutput:
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} must implement loss()")
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
         """Called after each full training step (schedules, target networks)."""
@@ -151,7 +151,7 @@ class Method:
     # -- results -----------------------------------------------------------------------------
     def save_student(self, student: torch.nn.Module, out_dir: Path) -> None:
         """Writes the student as a standard transformers / diffusers directory."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} must implement save_student()")
 
     def sampler(self) -> dict[str, Any] | None:
         """For generators: how the student samples (steps, timesteps, guidance); None for LMs."""
