@@ -65,6 +65,29 @@ def test_last_position_logits_and_full_logits_match_pytorch(artifact, model):
     np.testing.assert_allclose(last, ref[:, -1], atol=1e-4, rtol=0)
 
 
+def test_shared_kv_cache_matches_the_copying_cache_and_refuses_overflow(artifact):
+    from stillroom.core.errors import StillroomError
+    from stillroom.serve.fast_lm import FastLM
+
+    lm = FastLM(artifact, threads=1)
+    ids, mask = left_pad(PROMPTS, 0)
+    width, steps = ids.shape[1], 5
+    shared, plain = lm.new_cache(3, width + steps - 1), lm.new_cache(3)  # prefill + 4 decode steps
+    assert lm.shares_kv == (artifact.root.name == "fused") == (shared.binding is not None)
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    feed, full_mask = ids, mask
+    for _ in range(steps):
+        a, shared = lm.forward(feed, full_mask, positions, shared)
+        b, plain = lm.forward(feed, full_mask, positions, plain)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        feed = a.argmax(-1)[:, None]
+        full_mask = np.concatenate([full_mask, np.ones((3, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+    if shared.binding is not None:  # a fifth decode step no longer fits
+        with pytest.raises(StillroomError, match="holds"):
+            lm.forward(feed, full_mask, positions, shared)
+
+
 def test_stop_ids_finish_rows_and_serve_loop_drives_the_engine(artifact):
     from stillroom.serve.fast_lm import FINISHED, FastLM
     from stillroom.serve.lm_loop import Generation

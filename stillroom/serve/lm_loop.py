@@ -27,8 +27,9 @@ from stillroom.serve.sampling import SamplingParams, choose_token
 class LMBackend(Protocol):
     """What a runtime provides to the loop."""
 
-    def new_cache(self, batch: int) -> Any:
-        """An empty KV cache (past length 0) for ``batch`` rows."""
+    def new_cache(self, batch: int, capacity: int | None = None) -> Any:
+        """An empty KV cache (past length 0) for ``batch`` rows that will hold up to ``capacity``
+        positions (a hint: a backend may preallocate, or ignore it)."""
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: Any
@@ -122,7 +123,8 @@ class Generation:
     def __iter__(self) -> Iterator[StepEvent]:
         start = time.perf_counter()
         ids, mask = left_pad(self.prompts, self.pad_id)
-        cache = self.backend.new_cache(len(self.prompts))
+        capacity = ids.shape[1] + max(p.max_tokens for p in self.params)
+        cache = self.backend.new_cache(len(self.prompts), capacity)
         logits, cache = self.backend.forward(ids, mask, prefill_positions(mask), cache)
         positions = mask.sum(axis=1, keepdims=True).astype(np.int64)
         step = 0

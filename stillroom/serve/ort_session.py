@@ -10,6 +10,7 @@ and stop with a clear error unless fallback was explicitly allowed.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,36 @@ class SessionOptions:
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     device_id: int = 0
+    spin: bool | None = None  # None: decided by ``spin_waiting``
+
+
+def physical_cores() -> int:
+    """CPUs this process may use (affinity), the default intra-op thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def spin_waiting(spin: bool | None, threads: int) -> bool:
+    """Whether idle intra-op threads spin-wait between operators instead of sleeping.
+
+    Spinning cuts the hand-over latency of the ~250 operators of a decode step; on a machine whose
+    other jobs want the same cores it steals the cycles the step needs. Measured with
+    ``benchmarks/lm_runtime.py`` (135M Llama, fp32, 2 threads on 2 cores): quiet machine 46 -> 52 tok/s
+    with spinning; loaded machine 29.6 without, 16.8 with. ``None`` decides from ``STILLROOM_ORT_SPIN``
+    (0/1) if set, else spins only while the 1-minute load average leaves the threads their cores.
+    """
+    if spin is not None:
+        return spin
+    forced = os.environ.get("STILLROOM_ORT_SPIN", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return False
+    return load < physical_cores() - threads + 1
 
 
 def provider_chain(requested: str, available: list[str], allow_fallback: bool = False) -> list[str]:
@@ -72,9 +103,8 @@ def open_session(path: Path, opts: SessionOptions):
     if opts.inter_op_threads:
         so.inter_op_num_threads = int(opts.inter_op_threads)
     so.log_severity_level = 3
-    # Idle intra-op threads sleep instead of spinning: on a few shared cores spinning threads steal
-    # the cycles decode needs (16.8 -> 29.6 tok/s for a 135M Llama here, benchmarks/lm_runtime.py).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    spin = spin_waiting(opts.spin, opts.intra_op_threads or physical_cores())
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     providers = [(PROVIDERS[n], _provider_options(n, opts)) for n in chain]
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)

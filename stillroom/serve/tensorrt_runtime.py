@@ -104,7 +104,7 @@ class TrtCausalLM:
         self.kv_heads, self.head_dim = int(cache["kv_heads"]), int(cache["head_dim"])
         self.has_positions = "position_ids" in runner.inputs
 
-    def new_cache(self, batch: int) -> list[Any]:
+    def new_cache(self, batch: int, capacity: int | None = None) -> list[Any]:
         torch = self.runner.torch
         dtype = self.runner._dtype(self.past_names[0]) if self.past_names else torch.float32
         return [

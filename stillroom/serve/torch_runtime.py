@@ -36,7 +36,7 @@ class TorchCausalLM:
         params = inspect.signature(model.forward).parameters  # transformers 5 renamed past_key_values
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def new_cache(self, batch: int) -> Any:
+    def new_cache(self, batch: int, capacity: int | None = None) -> Any:
         from transformers import DynamicCache
 
         return DynamicCache()
