@@ -148,3 +148,18 @@ def test_weight_only_variant_agreement_is_measured(tiny, tmp_path, scheme):
     assert fp32["greedy_agreement"] == 1.0
     got = _run(FastLM(art, threads=1), PROMPTS)
     assert got.shape == (3, NEW) and (got >= 0).all()
+
+
+def test_spin_waiting_follows_the_argument_the_environment_then_the_load(monkeypatch):
+    from stillroom.serve import ort_session
+
+    monkeypatch.setattr(ort_session, "physical_cores", lambda: 2)
+    monkeypatch.delenv("STILLROOM_ORT_SPIN", raising=False)
+    monkeypatch.setattr(ort_session.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert ort_session.spin_waiting(None, 2) is True  # quiet: both cores free
+    monkeypatch.setattr(ort_session.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+    assert ort_session.spin_waiting(None, 2) is False  # another job holds a core
+    assert ort_session.spin_waiting(None, 1) is True  # one thread still has a free core
+    assert ort_session.spin_waiting(True, 2) is True and ort_session.spin_waiting(False, 1) is False
+    monkeypatch.setenv("STILLROOM_ORT_SPIN", "1")
+    assert ort_session.spin_waiting(None, 2) is True
