@@ -7,6 +7,9 @@ real digits) and wall time per image, and saves a PNG sample grid per row beside
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/diffusion_steps.py --out runs/diffusion_steps \
         --train-steps progressive=70,consistency=80,dmd2=40,vsd=40 --per-class 10
 
+``--init dmd2=progressive`` starts each DMD2 student from the progressive student with the same step
+count trained earlier in the run (list the source first in ``--methods``).
+
 Students are trained by the shipped recipes (``stillroom/recipes/mnist-*.yaml``) with ``train.steps``
 (one number, or ``method=N,...``) and ``student.steps`` overridden: one student per step count in
 ``--train-for`` (default 1 and 4); a row whose step count has no student of its own retargets the
@@ -18,6 +21,7 @@ scheduler config says).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,6 +62,18 @@ def parse_budgets(text: str) -> dict[str, int]:
     return out
 
 
+def overrides_for(method: str, extra: str) -> list[str]:
+    """The ``--extra`` overrides that apply to ``method``: unprefixed ones and ``method:KEY=VALUE``."""
+    out = []
+    for item in extra.split():
+        name, sep, rest = item.partition(":")
+        if not sep or "=" in name:
+            out.append(item)
+        elif name == method:
+            out.append(rest)
+    return out
+
+
 def timed(fn, noise, labels, batch=250):
     start = time.perf_counter()
     with torch.no_grad():
@@ -72,7 +88,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/diffusion_steps")
     ap.add_argument("--train-steps", default="200", help="N, or method=N,... per method")
     ap.add_argument("--train-for", default="1,4", help="student step counts that get their own student")
-    ap.add_argument("--extra", default="", help="extra recipe overrides for every student, space separated")
+    ap.add_argument(
+        "--extra", default="",
+        help="extra recipe overrides, space separated: KEY=VALUE for every student, METHOD:KEY=VALUE for one",
+    )  # fmt: skip
+    ap.add_argument(
+        "--init", default="", help="method=source,...: start that method's k-step student from source's"
+    )
     ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--teacher-steps", default="50,25,10,4,1")
@@ -123,6 +145,7 @@ def main() -> None:
         )
 
     budgets = parse_budgets(args.train_steps)
+    inits = dict(part.split("=") for part in args.init.split(",") if part)
     print(
         f"{'model':<14}{'steps':>6}{'trained':>8}{'fid_like':>10}{'acc':>9}{'divers.':>10}{'recall':>8}"
         f"{'ms/img':>10}"
@@ -148,6 +171,9 @@ def main() -> None:
             if students[k].is_dir():
                 continue
             n = budgets.get(method, budgets.get("*", 200))
+            init = []
+            if method in inits:
+                init = [f"student.init={out / 'runs' / f'{inits[method]}-{k}step' / 'student'}"]
             rec = recipes.load(
                 METHODS[method],
                 [
@@ -157,7 +183,8 @@ def main() -> None:
                     "train.tensorboard=false",
                     "train.log_every=10",
                     f"teacher.path={args.teacher}",
-                    *args.extra.split(),
+                    *init,
+                    *overrides_for(method, args.extra),
                 ],
             )
             started = time.perf_counter()
@@ -191,7 +218,7 @@ def markdown(rows: list[dict], args) -> str:
             f"{r['class_accuracy']:.3f} | {r['diversity']:.3f} | {r['recall']:.3f} | "
             f"{r['ms_per_image']:.1f} |"
         )
-    lines += ["", "    " + " ".join(["python", *sys.argv]), ""]
+    lines += ["", "    " + shlex.join(["python", *sys.argv]), ""]
     return "\n".join(lines)
 
 

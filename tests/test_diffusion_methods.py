@@ -88,3 +88,30 @@ def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):  #
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
     if method["name"] == "consistency":
         assert g.sampler["guidance_embed"] and g.unet.config.time_cond_proj_dim == 256
+
+
+def test_student_init_starts_from_a_distilled_student_and_refuses_mismatches(
+    tmp_path, class_teacher, label_folder  # noqa: F811
+):
+    from safetensors.torch import load_file
+
+    from stillroom.core.errors import StillroomError
+
+    data = {"source": str(label_folder)}
+    progressive = {"name": "progressive", "start_steps": 2, "steps_per_round": 3}
+    first, _ = run(tmp_path, diffusion_recipe(progressive, class_teacher, data, steps=3, lr=3e-3), "first")
+    prediction = json.loads((first / "stillroom.json").read_text())["sampler"]["prediction"]
+    dmd2 = {"name": "dmd2", "critic_updates": 1}
+    student = {"steps": 1, "init": str(first), "prediction": prediction}
+    tuned_recipe = diffusion_recipe(dmd2, class_teacher, data, student, steps=1, lr=1e-12)
+    second, _ = run(tmp_path, tuned_recipe, "second")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    init, tuned = load_file(first / weights), load_file(second / weights)
+    teacher = load_file(class_teacher / weights)
+    assert all(torch.allclose(tuned[k], init[k], atol=1e-6) for k in init)  # lr 1e-12: still the init
+    assert any(not torch.equal(init[k], teacher[k]) for k in init)  # and the init is not the teacher
+    other = "epsilon" if prediction != "epsilon" else "v_prediction"
+    with pytest.raises(StillroomError, match=f"predicts {prediction}"):
+        run(tmp_path, diffusion_recipe(dmd2, class_teacher, data, {**student, "prediction": other}), "bad")
+    with pytest.raises(StillroomError, match="not a generator student"):
+        run(tmp_path, diffusion_recipe(dmd2, class_teacher, data, {**student, "init": str(tmp_path)}), "no")

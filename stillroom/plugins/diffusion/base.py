@@ -44,6 +44,11 @@ class DiffusionStudent(Params):
     hybrid_handover: int | None = Field(
         None, gt=0, description="hybrid: timestep where the student takes over"
     )
+    init: str | None = Field(
+        None,
+        description="start from a distilled student directory (a run's student/) instead of the teacher's "
+        "weights, e.g. DMD2 fine-tuning of a progressive student",
+    )
 
 
 class DiffusionData(Params):
@@ -96,9 +101,36 @@ class DiffusionMethod(Method):
         return roles
 
     def make_student(self) -> torch.nn.Module:
-        student = copy.deepcopy(self.teacher.unet)
+        init = self.recipe.student.init
+        student = copy.deepcopy(self.teacher.unet) if init is None else self.load_init(Path(init))
         student.requires_grad_(True).train()
-        return student
+        return student.to(self.ctx.device)
+
+    def load_init(self, root: Path) -> torch.nn.Module:
+        """The UNet of a saved generator student whose parametrisation matches this run's student."""
+        import json
+
+        card = root / "stillroom.json"
+        if not card.is_file() or not (root / "unet").is_dir():
+            raise StillroomError(
+                f"student.init '{root}' is not a generator student directory (no stillroom.json or unet/)",
+                "point at the 'student' directory of a finished diffusion run",
+            )
+        sampler = json.loads(card.read_text()).get("sampler") or {}
+        if sampler.get("prediction") != self.student_prediction:
+            raise StillroomError(
+                f"student.init '{root}' predicts {sampler.get('prediction')}, this run's student "
+                f"{self.student_prediction}",
+                f"set student.prediction={sampler.get('prediction')}",
+            )
+        unet = dm.load_unet(root / "unet")
+        if type(unet) is not type(self.teacher.unet):
+            raise StillroomError(
+                f"student.init '{root}' is a {type(unet).__name__}, the teacher a "
+                f"{type(self.teacher.unet).__name__}",
+                "initialise from a student of this teacher",
+            )
+        return unet
 
     def extra_roles(self) -> dict[str, Role]:
         return {}

@@ -81,6 +81,11 @@ class Consistency(DiffusionMethod):
         p = self.params
         if not p.guidance_embed:
             return super().make_student()
+        if self.recipe.student.init:
+            raise StillroomError(
+                "student.init cannot be combined with method.guidance_embed (the student grows an input)",
+                "drop one of them",
+            )
         if type(self.teacher.unet).__name__ != "UNet2DConditionModel":
             raise StillroomError(
                 "method.guidance_embed needs a UNet2DConditionModel teacher",
