@@ -8,7 +8,8 @@ real digits) and wall time per image, and saves a PNG sample grid per row beside
         --train-steps progressive=70,consistency=80,dmd2=40,vsd=40 --per-class 10
 
 ``--init dmd2=progressive`` starts each DMD2 student from the progressive student with the same step
-count trained earlier in the run (list the source first in ``--methods``).
+count trained earlier in the run (list the source first in ``--methods``). ``--student LABEL=DIR``
+adds rows for a student trained elsewhere (e.g. a second fine-tuning stage), scored on the same noise.
 
 Students are trained by the shipped recipes (``stillroom/recipes/mnist-*.yaml``) with ``train.steps``
 (one number, or ``method=N,...``) and ``student.steps`` overridden: one student per step count in
@@ -21,6 +22,7 @@ scheduler config says).
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -97,6 +99,10 @@ def main() -> None:
     )
     ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--student", action="append", default=[],
+        help="LABEL=DIR: also score an already trained student directory (e.g. a chained fine-tune)",
+    )  # fmt: skip
     ap.add_argument("--teacher-steps", default="50,25,10,4,1")
     ap.add_argument("--student-steps", default="1,2,4")
     ap.add_argument("--teacher", default="embedded:mnist_teacher", help="class-conditional 28/32px teacher")
@@ -160,6 +166,13 @@ def main() -> None:
         images, per = timed(sample, noise, labels)
         record("teacher", steps, images, per)
 
+    def score_students(name: str, students: dict[int, Path]) -> None:
+        for steps in [int(s) for s in args.student_steps.split(",")]:
+            k = min(students, key=lambda k: (abs(k - steps), -k))
+            g = load_generator(students[k], steps=steps)
+            images, per = timed(lambda z, y, g=g: g(z, y), noise, labels)
+            record(name, steps, images, per, k)
+
     train_for = [int(k) for k in args.train_for.split(",")]
     for method in args.methods.split(","):
         students = {}
@@ -193,11 +206,11 @@ def main() -> None:
                 f"# trained {method} {k}-step for {n} steps in {time.perf_counter() - started:.0f}s",
                 flush=True,
             )
-        for steps in [int(s) for s in args.student_steps.split(",")]:
-            k = min(students, key=lambda k: (abs(k - steps), -k))
-            g = load_generator(students[k], steps=steps)
-            images, per = timed(lambda z, y, g=g: g(z, y), noise, labels)
-            record(method, steps, images, per, k)
+        score_students(method, students)
+    for item in args.student:
+        label, _, path = item.partition("=")
+        trained = json.loads((Path(path) / "stillroom.json").read_text())["sampler"]["steps"]
+        score_students(label, {trained: Path(path)})
     write_json(out / "table.json", rows)
     write_text(out / "table.md", markdown(rows, args))
     print(f"# table: {out / 'table.md'} (and table.json); grids: {out}/*.png")
