@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,27 +15,46 @@ from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
 from tests.conftest import STILLROOM, cli_env
 
+# The real CLI, except that writing the manifest (after validation passed and every file is staged)
+# first drops a marker and waits to be killed: the window between the last file and the manifest is
+# milliseconds, too short to hit by polling on an idle machine.
+HOLD_BEFORE_MANIFEST = """
+import pathlib, sys, time
+from stillroom.core import artifact
+def hold(root, manifest):
+    pathlib.Path(root, "reached-manifest").touch()
+    time.sleep(600)
+artifact.write_manifest = hold
+from stillroom.cli import main
+sys.argv = ["stillroom", *sys.argv[1:]]
+main()
+"""
+
 # where the kill lands: the first graph file being written, or after validation just before the manifest
 POINTS = {
     "graph-write": lambda staging: (staging / ".stage-fp32" / "model.onnx").exists(),
-    "before-manifest": lambda staging: (staging / "tokenizer").is_dir(),
+    "before-manifest": lambda staging: (staging / "reached-manifest").exists(),
 }
 
 
-def export(src: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([STILLROOM, "export", str(src), "--out", str(out)], env=cli_env(),
+def export(src: Path, out: Path, hold: bool = False) -> subprocess.Popen:
+    command = [sys.executable, "-c", HOLD_BEFORE_MANIFEST] if hold else [STILLROOM]
+    return subprocess.Popen([*command, "export", str(src), "--out", str(out)], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def kill_when(proc: subprocess.Popen, out: Path, reached) -> None:
-    deadline = time.monotonic() + 240
+    deadline, hit = time.monotonic() + 240, False
     while time.monotonic() < deadline and proc.poll() is None:
         if any(reached(s) for s in out.parent.glob(f".{out.name}.*.tmp")):
             proc.send_signal(signal.SIGKILL)
+            hit = True
             break
         time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the export finished before the kill point was reached"
+    if proc.poll() is None and not hit:
+        proc.kill()
+    _, err = proc.communicate()
+    assert hit and proc.returncode == -signal.SIGKILL, f"the export ended before the kill point: {err[-500:]}"
 
 
 @pytest.mark.parametrize("point", [
@@ -42,7 +62,7 @@ def kill_when(proc: subprocess.Popen, out: Path, reached) -> None:
 ])
 def test_killed_export_leaves_no_manifest_and_rerun_is_valid(point, lm_student, tmp_path):
     out = tmp_path / "exports" / "lm"
-    kill_when(export(lm_student, out), out, POINTS[point])
+    kill_when(export(lm_student, out, hold=point == "before-manifest"), out, POINTS[point])
     assert not (out / "manifest.json").exists() and not out.exists()
     with pytest.raises(StillroomError, match="(does not exist|no manifest)"):
         artifacts.load(out)
