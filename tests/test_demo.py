@@ -15,18 +15,22 @@ from stillroom.core import artifact
 from tests.conftest import STILLROOM, cli_env
 
 
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def run_demo(out, timeout: int) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [STILLROOM, "demo", "--fast", "--out", str(out)],
         capture_output=True,
         text=True,
         env=cli_env(),
-        timeout=1200,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, timeout=1200)
 
 
 def test_every_stage_leaves_its_result(demo_out):
@@ -73,14 +77,7 @@ def test_rerun_reuses_finished_stages(demo_out):
     out, _ = demo_out
     before = {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("manifest.json")}
     start = time.perf_counter()
-    proc = subprocess.run(
-        [STILLROOM, "demo", "--fast", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_demo(out, timeout=600)
     assert proc.stderr.count("[skip]") >= 9  # 3 runs, 4 artifacts, 2 benches
     assert {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("manifest.json")} == before
     assert time.perf_counter() - start < 120

@@ -13,6 +13,7 @@ deployment use one set of equations.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -108,8 +109,6 @@ class DiffusionMethod(Method):
 
     def load_init(self, root: Path) -> torch.nn.Module:
         """The UNet of a saved generator student whose parametrisation matches this run's student."""
-        import json
-
         card = root / "stillroom.json"
         if not card.is_file() or not (root / "unet").is_dir():
             raise StillroomError(
