@@ -108,11 +108,11 @@ def main() -> None:
     ap.add_argument("--teacher", default="embedded:mnist_teacher", help="class-conditional 28/32px teacher")
     args = ap.parse_args()
 
-    from stillroom.core import diffusion_models as dm
     from stillroom.core import recipe as recipes
-    from stillroom.core.generator import load_generator
-    from stillroom.core.image_metrics import evaluate_images, load_classifier
     from stillroom.core.trainer import Trainer
+    from stillroom.plugins.diffusion import models as dm
+    from stillroom.plugins.diffusion.metrics import evaluate_images, load_classifier
+    from stillroom.plugins.diffusion.sampler import load_generator
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def _row(name: str, variant: str, art, seconds: float, fp32_bytes: int | None) -> dict:
-    from stillroom.export.variants import file_bytes
+    from stillroom.core.onnx_variants import file_bytes
 
     v = art.manifest.validation
     size = file_bytes(art.graph())
@@ -44,7 +44,7 @@ def main() -> None:
 
     from stillroom.data import root as data_root
     from stillroom.export.command import to_onnx
-    from stillroom.tiny import build_tiny_generator, build_tiny_lm
+    from stillroom.testing import build_tiny_generator, build_tiny_lm
 
     work = args.work or Path(tempfile.mkdtemp(prefix="export-report-"))
     models = [(Path(m).name, Path(m)) for m in args.model]

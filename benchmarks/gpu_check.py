@@ -330,11 +330,11 @@ def timing_check(assets: dict[str, Path], student_dir: Path) -> dict[str, Any]:
 
 # -- main ---------------------------------------------------------------------------------------------
 def build_assets(root: Path) -> dict[str, Path]:
-    from stillroom.tiny import build_class_teacher, build_label_folder, build_tiny_generator, build_tiny_lm
+    from stillroom.testing import build_class_teacher, build_label_folder, build_tiny_generator, build_tiny_lm
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True)
-    from stillroom.tiny import TEXT
+    from stillroom.testing import TEXT
 
     (corpus / "train.txt").write_text(TEXT * 20)
     (corpus / "valid.txt").write_text(TEXT * 2)
@@ -367,8 +367,8 @@ def run_checks(sections: tuple[str, ...], work: Path) -> list[Check]:
                 )
     lm_art, gen_art = work / "lm.onnx", work / "gen.onnx"
     if "export" in sections or "runtimes" in sections:
-        from stillroom.export.onnx_generator import export_generator
-        from stillroom.export.onnx_lm import export_causal_lm
+        from stillroom.plugins.diffusion.export import export_generator
+        from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
         timed(
             "export tiny LM (onnx, validated)",

@@ -66,16 +66,17 @@ def build_smollm_shaped(out: Path) -> Path:
 
 def build_graphs(model, out: Path, schemes=("int8", "int4")) -> dict[str, Path]:
     """fp32 fused graph plus its weight-only variants (validated in tests; measured here)."""
-    from stillroom.export import lm_fused, variants
+    from stillroom.core import onnx_variants
+    from stillroom.plugins.lm.export import fused_graph
 
     out.mkdir(parents=True, exist_ok=True)
     graphs = {"fp32": out / "fp32.onnx"}
     if not graphs["fp32"].is_file():
-        lm_fused.export_fused(model, graphs["fp32"])
+        fused_graph.export_fused(model, graphs["fp32"])
     for scheme in schemes:
         graphs[scheme] = out / f"{scheme}.onnx"
         if not graphs[scheme].is_file():
-            variants.quantize_weight_only(graphs["fp32"], graphs[scheme], scheme)
+            onnx_variants.quantize_weight_only(graphs["fp32"], graphs[scheme], scheme)
     return graphs
 
 
@@ -116,7 +117,7 @@ class TorchEngine:
 
 class FastEngine:
     def __init__(self, graph: Path, threads: int, spin: bool) -> None:
-        from stillroom.serve.fast_lm import FastLM
+        from stillroom.plugins.lm.engine import FastLM
 
         self.lm = FastLM(graph, threads=threads, spin=spin)
 
@@ -215,8 +216,8 @@ def quality_rows(
     model, tokenizer, graphs: dict[str, Path], threads: int, n_prompts: int = 64
 ) -> dict[str, dict]:
     """Greedy agreement with PyTorch fp32 (64-token continuations) and held-out perplexity per variant."""
-    from stillroom.export.lm_validation import BLOCK, heldout_text, torch_greedy, torch_logits
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
+    from stillroom.plugins.lm.export.validation import BLOCK, heldout_text, torch_greedy, torch_logits
 
     text = heldout_text()
     lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6]
@@ -275,7 +276,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.serve.ort_session import spin_waiting
+    from stillroom.core.ort_session import spin_waiting
 
     spin = spin_waiting({"auto": None, "on": True, "off": False}[args.spin], args.threads)  # decided once
     torch.set_num_threads(args.threads)

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 def _tiny_artifact(root: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from stillroom.export.onnx_generator import export_generator
+    from stillroom.plugins.diffusion.export import export_generator
     from tests.test_serve_images import build_generator_student
 
     student = build_generator_student(root / "student", steps=2)

@@ -1,4 +1,4 @@
-"""Train the MNIST classifier behind stillroom's image metrics (``stillroom.core.image_metrics``).
+"""Train the MNIST classifier behind stillroom's image metrics (``stillroom.plugins.diffusion.metrics``).
 
 Why: fid_like / class accuracy / diversity / recall need a feature extractor that knows digits and
 is available offline. This trains ``MnistClassifier`` on the shipped 4000-image train split only
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from stillroom.core.image_metrics import MnistClassifier, extract, load_mnist_split
+from stillroom.plugins.diffusion.metrics import MnistClassifier, extract, load_mnist_split
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "stillroom" / "data" / "mnist_classifier"

@@ -50,7 +50,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from stillroom.core.image_metrics import evaluate_images, extract, fid_like, load_classifier, load_mnist_split
+from stillroom.plugins.diffusion.metrics import (
+    evaluate_images,
+    extract,
+    fid_like,
+    load_classifier,
+    load_mnist_split,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "stillroom" / "data" / "mnist_teacher"
@@ -313,7 +319,7 @@ def write_report(out: Path, record: dict) -> None:
         "classifier-free guidance (eps = eps_null + w (eps_y - eps_null)); **recommended w = "
         f"{ev['cfg']}** (the first one listed, used for `samples.png`). Same initial noise for every "
         "row. Metrics from "
-        "`stillroom.core.image_metrics.evaluate_images` against the 1000-image eval split: `fid_like` is a "
+        "`stillroom.plugins.diffusion.metrics.evaluate_images` against the 1000-image eval split: `fid_like` is a "
         "Fréchet distance in the shipped MNIST classifier's 128-d feature space (**not Inception FID**; "
         "lower is better), `class_accuracy` = classifier agrees with the requested class, `diversity` = "
         "within-class feature spread relative to real eval digits (1 = as varied as real), "

@@ -20,7 +20,7 @@ import torch
 
 
 def build_teacher(root: Path, hidden: int, layers: int) -> Path:
-    from stillroom.tiny import TEXT, build_tiny_llama, build_tokenizer
+    from stillroom.testing import TEXT, build_tiny_llama, build_tokenizer
 
     teacher = root / "teacher"
     tok = build_tokenizer(teacher, vocab_size=512, text=TEXT * 50)
@@ -60,9 +60,9 @@ def trainer_step_times(rec, run_dir: Path) -> list[float]:
 
 
 def handwritten_step_times(rec) -> list[float]:
-    from stillroom.core import data as textdata
-    from stillroom.core import models
     from stillroom.core.trainer import IndexStream, lr_lambda
+    from stillroom.plugins.lm import data as textdata
+    from stillroom.plugins.lm import models
     from stillroom.plugins.lm.losses import forward_kl
 
     torch.manual_seed(rec.train.seed)

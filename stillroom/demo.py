@@ -107,19 +107,19 @@ class Demo:
             pass
         log.info("[export] %s %s", name, options or "")
         if (student / "unet").is_dir():
-            from stillroom.export.onnx_generator import export_generator
+            from stillroom.plugins.diffusion.export import export_generator
 
             export_generator(student, target, **options)
         else:
-            from stillroom.export.onnx_lm import export_causal_lm
+            from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
             export_causal_lm(student, target, **options)
         return target
 
     def bench(self, kind: str, targets: list, batches: list[int], heldout: str | None) -> dict[str, Any]:
         """Benchmarks into bench/KIND unless its report is there (report.html is written last)."""
+        from stillroom.core.bench_plan import BenchSettings
         from stillroom.serve.bench import benchmark
-        from stillroom.serve.bench_plan import BenchSettings
 
         where = self.out / "bench" / kind
         if (where / "report.html").is_file() and (where / "report.json").is_file():
@@ -144,8 +144,8 @@ class Demo:
 
     # -- the whole thing --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from stillroom.core.bench_plan import Target
         from stillroom.serve.bench import heldout_text
-        from stillroom.serve.bench_plan import Target
 
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)

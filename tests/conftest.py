@@ -35,7 +35,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
-    from stillroom.tiny import build_tiny_llama, build_tokenizer
+    from stillroom.testing import build_tiny_llama, build_tokenizer
 
     d = tmp_path_factory.mktemp("teacher")
     tok = build_tokenizer(d, vocab_size=320, text=(corpus_dir / "train.txt").read_text())

@@ -196,7 +196,7 @@ def test_bench_cli_errors_are_one_line(lm_artifact, tmp_path):  # noqa: F811
 
 
 def test_percentiles_against_reference():
-    from stillroom.serve.bench_measure import percentiles
+    from stillroom.core.measure import percentiles
 
     samples = [0.010, 0.030, 0.020, 0.050, 0.040]
     ordered = sorted(s * 1000 for s in samples)

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from stillroom.core import generator as gen
+from stillroom.plugins.diffusion import sampler as gen
 from stillroom.plugins.diffusion.base import score_distillation_loss
-from stillroom.plugins.diffusion.dmd2 import dmd_gradient
-from stillroom.plugins.diffusion.progressive import progressive_target
+from stillroom.plugins.diffusion.methods.dmd2 import dmd_gradient
+from stillroom.plugins.diffusion.methods.progressive import progressive_target
 from tests.test_diffusion_fixtures import class_teacher, diffusion_recipe, label_folder  # noqa: F401
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
@@ -50,7 +50,7 @@ def test_consistency_parametrisation_is_identity_at_the_boundary():
     assert torch.allclose(c_skip[1:], 0.25 / (s**2 + 0.25)) and torch.allclose(
         c_out[1:], s / torch.sqrt(s**2 + 0.25)
     )
-    from stillroom.plugins.diffusion.consistency import Consistency
+    from stillroom.plugins.diffusion.methods.consistency import Consistency
 
     method = Consistency.__new__(Consistency)
     method.abar = abar64().float()
@@ -188,7 +188,7 @@ def test_snoopi_scale_is_drawn_per_step_within_range(tmp_path, class_teacher, la
 
 
 def test_segment_schedule_lands_each_step_on_the_next_segment():
-    from stillroom.plugins.diffusion.consistency import segment_boundaries, segment_end
+    from stillroom.plugins.diffusion.methods.consistency import segment_boundaries, segment_end
 
     grid = [(n + 1) * 20 - 1 for n in range(50)]
     bounds = segment_boundaries(grid, 4)

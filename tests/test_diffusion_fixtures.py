@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.tiny import build_class_teacher, build_label_folder, build_text_teacher
+from stillroom.testing import build_class_teacher, build_label_folder, build_text_teacher
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def diffusion_recipe(method: dict, teacher: Path, data: dict, student: dict | No
 
 
 def test_fixture_teachers_load(class_teacher, text_teacher):  # noqa: F811
-    from stillroom.core.diffusion_models import load_teacher
+    from stillroom.plugins.diffusion.models import load_teacher
 
     c = load_teacher(str(class_teacher))
     assert c.conditioning == "class" and c.null_class == 10 and c.image_size == 8

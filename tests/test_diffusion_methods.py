@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stillroom.core import recipe as recipes
-from stillroom.core.generator import load_generator
 from stillroom.core.trainer import Trainer
-from stillroom.tiny import build_caption_folder
+from stillroom.plugins.diffusion.sampler import load_generator
+from stillroom.testing import build_caption_folder
 from tests.test_diffusion_fixtures import (  # noqa: F401 - fixtures
     class_teacher,
     diffusion_recipe,
@@ -80,7 +80,7 @@ def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):  #
     assert len([r for r in rows if "loss/student" in r]) == 2
     assert all(torch.isfinite(torch.tensor(r["loss/student"])) for r in rows if "loss/student" in r)
     g = load_generator(student)
-    from stillroom.core.diffusion_models import encode_prompts, load_text_encoder
+    from stillroom.plugins.diffusion.models import encode_prompts, load_text_encoder
 
     enc, tok = load_text_encoder(student)
     hidden = encode_prompts(enc, tok, ["a red cat", "a blue dog"])

@@ -38,7 +38,7 @@ def test_cli_exports_lm_run_to_onnx_and_triton(tmp_path):
     import json
 
     from stillroom.core import artifact
-    from stillroom.tiny import build_tiny_lm
+    from stillroom.testing import build_tiny_lm
 
     run = tmp_path / "run"
     build_tiny_lm(run / "student", "gpt2")

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from stillroom.core.errors import StillroomError
-from stillroom.tiny import build_tiny_generator
+from stillroom.testing import build_tiny_generator
 
 
 def _export(tmp_path, steps: int, conditioning: str | None):
-    from stillroom.export.onnx_generator import export_generator
+    from stillroom.plugins.diffusion.export import export_generator
 
     student = build_tiny_generator(tmp_path / "student", steps=steps, conditioning=conditioning)
     return student, export_generator(student, tmp_path / "art")
@@ -21,7 +21,7 @@ def _export(tmp_path, steps: int, conditioning: str | None):
 def test_one_step_class_conditional_generator(tmp_path):
     import onnxruntime as ort
 
-    from stillroom.core.generator import load_generator
+    from stillroom.plugins.diffusion.sampler import load_generator
 
     student, art = _export(tmp_path, 1, "class")
     m = art.manifest
@@ -60,8 +60,8 @@ class DataDependent(nn.Module):
 
 
 def test_broken_export_fails_validation_without_manifest(tmp_path):
-    from stillroom.core.generator import load_generator
-    from stillroom.export.onnx_generator import export_generator_module
+    from stillroom.plugins.diffusion.export import export_generator_module
+    from stillroom.plugins.diffusion.sampler import load_generator
 
     student = build_tiny_generator(tmp_path / "student", steps=1, conditioning=None)
     out = tmp_path / "art"
@@ -87,7 +87,7 @@ def test_multi_step_and_text_generators(tmp_path, steps, conditioning):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["int8", "fp16"])
 def test_generator_variants(tmp_path, variant):
-    from stillroom.export.onnx_generator import export_generator
+    from stillroom.plugins.diffusion.export import export_generator
 
     student = build_tiny_generator(tmp_path / "student", steps=2, conditioning="class")
     art = export_generator(student, tmp_path / "art", **{variant: True})

@@ -14,7 +14,7 @@ import torch
 
 from stillroom.core import artifact
 from stillroom.core.errors import StillroomError
-from stillroom.tiny import build_tiny_lm
+from stillroom.testing import build_tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_artifact(llama_dir, tmp_path_factory) -> artifact.Artifact:
-    from stillroom.export.onnx_lm import export_causal_lm
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     return export_causal_lm(llama_dir, tmp_path_factory.mktemp("out") / "llama-onnx")
 
@@ -143,7 +143,7 @@ def test_triton_repository_config_parses_with_tritons_schema(llama_artifact, tmp
 
 
 def test_source_detection_run_lm_and_errors(llama_dir, tmp_path):
-    from stillroom.export.source import detect
+    from stillroom.core.source import detect
 
     run = tmp_path / "run"
     shutil.copytree(llama_dir, run / "student")
@@ -161,7 +161,7 @@ def test_source_detection_run_lm_and_errors(llama_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["int8", "fp16", "optimize"])
 def test_llama_variants_pass_task_level_checks(llama_dir, tmp_path, variant):
-    from stillroom.export.onnx_lm import export_causal_lm
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     art = export_causal_lm(llama_dir, tmp_path / variant, **{variant: True})
     v = art.manifest.validation
@@ -173,7 +173,7 @@ def test_llama_variants_pass_task_level_checks(llama_dir, tmp_path, variant):
 
 @pytest.mark.slow
 def test_gpt2_export_validates(tmp_path):
-    from stillroom.export.onnx_lm import export_causal_lm
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     art = export_causal_lm(build_tiny_lm(tmp_path / "gpt2", "gpt2"), tmp_path / "out")
     assert art.manifest.validation["passed"] and art.manifest.inputs[3].shape[1] == 4  # MHA: 4 KV heads

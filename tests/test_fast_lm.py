@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stillroom.export.lm_validation import left_pad, torch_greedy, torch_logits
-from stillroom.tiny import build_tiny_lm
+from stillroom.plugins.lm.export.validation import left_pad, torch_greedy, torch_logits
+from stillroom.testing import build_tiny_lm
 
 PROMPTS = [[5, 17, 33], [9, 2, 41, 7, 19, 23, 4], list(range(40, 80))]  # 3, 7 and 40 tokens
 NEW = 16
@@ -23,14 +23,14 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    from stillroom.export.onnx_lm import load_lm
+    from stillroom.plugins.lm.export.onnx_artifact import load_lm
 
     return load_lm(tiny)[0]
 
 
 @pytest.fixture(scope="module", params=["fused", "dynamo"])
 def artifact(request, tiny, tmp_path_factory):
-    from stillroom.export.onnx_lm import export_causal_lm
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     kwargs = {"fused": True} if request.param == "fused" else {"last_logits": True}
     return export_causal_lm(tiny, tmp_path_factory.mktemp("art") / request.param, **kwargs)
@@ -41,7 +41,7 @@ def _run(lm, prompts, **kw) -> np.ndarray:
 
 
 def test_greedy_identical_to_pytorch_with_left_padding_and_cache_lengths(artifact, model):
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
 
     lm = FastLM(artifact, threads=1)
     assert lm.has_keep and artifact.manifest.validation["passed"]
@@ -53,7 +53,7 @@ def test_greedy_identical_to_pytorch_with_left_padding_and_cache_lengths(artifac
 
 
 def test_last_position_logits_and_full_logits_match_pytorch(artifact, model):
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
 
     lm = FastLM(artifact, threads=1)
     ids = np.asarray([PROMPTS[1], PROMPTS[1][::-1]], np.int64)
@@ -67,7 +67,7 @@ def test_last_position_logits_and_full_logits_match_pytorch(artifact, model):
 
 def test_shared_kv_cache_matches_the_copying_cache_and_refuses_overflow(artifact):
     from stillroom.core.errors import StillroomError
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
 
     lm = FastLM(artifact, threads=1)
     ids, mask = left_pad(PROMPTS, 0)
@@ -89,9 +89,9 @@ def test_shared_kv_cache_matches_the_copying_cache_and_refuses_overflow(artifact
 
 
 def test_stop_ids_finish_rows_and_serve_loop_drives_the_engine(artifact):
-    from stillroom.serve.fast_lm import FINISHED, FastLM
-    from stillroom.serve.lm_loop import Generation
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.decode_loop import Generation
+    from stillroom.plugins.lm.engine import FINISHED, FastLM
+    from stillroom.plugins.lm.sampling import SamplingParams
 
     lm = FastLM(artifact, threads=1)
     free = _run(lm, PROMPTS[:2])
@@ -106,7 +106,7 @@ def test_stop_ids_finish_rows_and_serve_loop_drives_the_engine(artifact):
 
 
 def test_nucleus_candidates_match_float64_reference():
-    from stillroom.serve.fast_lm import nucleus_candidates
+    from stillroom.plugins.lm.engine import nucleus_candidates
 
     rng = np.random.default_rng(0)
     for scale in (0.1, 3.0):  # 0.1: flat, the nucleus is far wider than the first 64 candidates
@@ -123,7 +123,7 @@ def test_nucleus_candidates_match_float64_reference():
 
 
 def test_sampling_is_seeded_and_stays_in_the_nucleus(artifact):
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
 
     lm = FastLM(artifact, threads=1)
     a = _run(lm, PROMPTS[:2], temperature=0.8, top_p=0.9, seed=3)
@@ -134,8 +134,8 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus(artifact):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_weight_only_variant_agreement_is_measured(tiny, tmp_path, scheme):
-    from stillroom.export.onnx_lm import export_causal_lm
-    from stillroom.serve.fast_lm import FastLM
+    from stillroom.plugins.lm.engine import FastLM
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     art = export_causal_lm(tiny, tmp_path / scheme, fused=True, weight_only=scheme)
     m = art.manifest

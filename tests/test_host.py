@@ -24,7 +24,7 @@ def fake_dist(root: Path, name: str, module_source: str) -> None:
 
 GOOD = """
 from stillroom.core.hookspecs import hookimpl
-from stillroom.plugins.lm.kd import KD
+from stillroom.plugins.lm.methods.kd import KD
 
 class Echo(KD):
     name = "echo-kd"

@@ -1,4 +1,4 @@
-"""Image metrics (stillroom.core.image_metrics), the shipped MNIST classifier and the MNIST teacher.
+"""Image metrics (stillroom.plugins.diffusion.metrics), the shipped MNIST classifier and the MNIST teacher.
 
 The Fréchet distance is checked against an independent float64 reference (scipy.linalg.sqrtm when
 installed, otherwise the eigenvalues of the non-symmetric product Sa @ Sb), the shipped assets
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom.core import image_metrics as im
+from stillroom.plugins.diffusion import metrics as im
 
 # Measured on the shipped assets (see stillroom/data/*/): classifier eval accuracy 0.989; teacher,
 # 10 DDIM steps, CFG w = 1.25 (its recommended scale), 20 samples: 0.80 with the test's seed 0

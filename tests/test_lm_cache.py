@@ -31,7 +31,7 @@ def cached(teacher, corpus, k=6, method=None, **train):
 def test_cache_round_trips_the_teachers_top_k(tmp_path, tiny_teacher, corpus_dir):
     from transformers import AutoModelForCausalLM
 
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     m = KD(
         recipes.validate(cached(tiny_teacher, corpus_dir)),
@@ -59,7 +59,7 @@ def test_cache_round_trips_the_teachers_top_k(tmp_path, tiny_teacher, corpus_dir
 def test_cached_kd_trains_evaluates_and_matches_live_kd_with_the_full_vocabulary(
     tmp_path, tiny_teacher, corpus_dir
 ):
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
     out = Trainer(
@@ -112,7 +112,7 @@ def test_resume_reuses_the_cache_and_is_bitwise_identical(tmp_path, tiny_teacher
 
 
 def test_cache_is_rebuilt_when_k_changes(tmp_path, tiny_teacher, corpus_dir):
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     for k in (4, 5):
         m = KD(

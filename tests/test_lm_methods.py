@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from stillroom.core import recipe as recipes
 from stillroom.core.errors import StillroomError
 from stillroom.core.trainer import Trainer
-from stillroom.tiny import build_tiny_llama, build_tokenizer
+from stillroom.testing import build_tiny_llama, build_tokenizer
 from tests.conftest import lm_recipe
 
 EMBEDDED = {"source": "embedded:shakespeare", "seq_len": 32, "max_train_tokens": 4096, "eval_tokens": 512}
@@ -84,7 +84,7 @@ def test_taid_schedule_is_logged_monotone_above_the_ramp_and_resumes(tmp_path, t
 
 def test_taid_update_follows_algorithm_1(tmp_path, tiny_teacher, corpus_dir):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.taid import TAID
+    from stillroom.plugins.lm.methods.taid import TAID
 
     rec = recipes.validate(
         recipe(
@@ -138,7 +138,7 @@ def test_gkd_mixes_on_policy_batches_masks_prompts_and_resumes_bitwise(tmp_path,
 
 def test_gkd_rollout_labels_only_generated_tokens(tmp_path, tiny_teacher, corpus_dir):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.gkd import GKD
+    from stillroom.plugins.lm.methods.gkd import GKD
 
     rec = recipes.validate(
         recipe(tiny_teacher, corpus_dir, {"name": "gkd", "prompt_tokens": 4, "max_new_tokens": 5})
@@ -186,7 +186,7 @@ def test_seqkd_caches_responses_resumes_generation_and_selects(
     first = load_file(str(root / "stage0-sample0-chunk00000.safetensors"))
     assert first["00000.generated"][:4].sum() == 0
     # a finished cache is reused without generating again
-    import stillroom.plugins.lm.seqkd as seqkd
+    import stillroom.plugins.lm.methods.seqkd as seqkd
 
     monkeypatch.setattr(seqkd, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     shutil.rmtree(tmp_path / "a" / "student")
@@ -197,7 +197,7 @@ def test_seqkd_caches_responses_resumes_generation_and_selects(
 
 def test_seqkd_selection_prefers_sentences_the_teacher_finds_likelier(tmp_path, tiny_teacher, corpus_dir):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.seqkd import SeqKD
+    from stillroom.plugins.lm.methods.seqkd import SeqKD
 
     rec = recipes.validate(recipe(tiny_teacher, corpus_dir, {"name": "seqkd"}))
     m = SeqKD(rec, Context(torch.device("cpu"), torch.float32, tmp_path))
@@ -238,7 +238,7 @@ def test_hidden_projects_different_widths_by_index_and_module_path(tmp_path, tin
 
 
 def test_hidden_default_pairs_are_uniform():
-    from stillroom.plugins.lm.hidden import uniform_pairs
+    from stillroom.plugins.lm.methods.hidden import uniform_pairs
 
     assert uniform_pairs(2, 4) == [(1, 2), (2, 4)]
     assert uniform_pairs(3, 12) == [(1, 4), (2, 8), (3, 12)]
@@ -246,7 +246,7 @@ def test_hidden_default_pairs_are_uniform():
 
 def test_student_from_teacher_layers_copies_every_kth_block(tmp_path, corpus_dir):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     teacher = tmp_path / "t4"
     tok = build_tokenizer(teacher, vocab_size=320, text=(corpus_dir / "train.txt").read_text())
@@ -266,7 +266,7 @@ def test_student_from_teacher_layers_copies_every_kth_block(tmp_path, corpus_dir
 
 def test_pretrained_student_path_and_vocabulary_guard(tmp_path, tiny_teacher, corpus_dir):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     ok = tmp_path / "small"
     from transformers import AutoTokenizer
@@ -292,7 +292,7 @@ def test_pretrained_student_path_and_vocabulary_guard(tmp_path, tiny_teacher, co
 
 def test_prompt_response_jsonl_trains_on_responses_only(tmp_path, tiny_teacher):
     from stillroom.core.method import Context
-    from stillroom.plugins.lm.kd import KD
+    from stillroom.plugins.lm.methods.kd import KD
 
     data = tmp_path / "qa.jsonl"
     data.write_text(

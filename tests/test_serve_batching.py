@@ -91,7 +91,7 @@ def test_oversized_and_queue_full_are_4xx():
 
 
 def test_sampled_frequencies_follow_the_nucleus_distribution():
-    from stillroom.serve.sampling import SamplingParams, choose_token, nucleus_probs
+    from stillroom.plugins.lm.sampling import SamplingParams, choose_token, nucleus_probs
 
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     params = SamplingParams(temperature=0.8, top_p=0.9)

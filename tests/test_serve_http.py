@@ -16,7 +16,7 @@ KEY = "s3cret-key"
 
 
 def _serve(artifact, **settings):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
     from stillroom.serve.server.app import ServerSettings, create_app
     from stillroom.serve.server.run import ServerThread
 
@@ -34,7 +34,7 @@ def server(lm_artifact):  # noqa: F811
 
 
 def _greedy_text(model, prompt: str, n: int) -> str:
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.sampling import SamplingParams
 
     gen = model.generate([model.encode(prompt)], [SamplingParams(max_tokens=n, stop_token_ids=model.eos_ids)])
     return model.decode(gen.run().outputs[0])
@@ -268,7 +268,7 @@ def test_request_timeout_is_answered_and_the_server_survives(lm_artifact):  # no
 
 
 def test_a_stream_closed_early_frees_its_row(server):
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.sampling import SamplingParams
 
     model, url = server
     alone = model.generate(

@@ -20,7 +20,7 @@ def build_generator_student(out: Path, size: int = 28, steps: int = 2, seed: int
     """A tiny class-conditional generator student directory (unet/, scheduler/, stillroom.json)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from stillroom.core.generator import ddim_timesteps
+    from stillroom.plugins.diffusion.sampler import ddim_timesteps
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
@@ -59,7 +59,7 @@ def build_generator_student(out: Path, size: int = 28, steps: int = 2, seed: int
 
 
 def build_generator_artifact(student: Path, out: Path) -> Path:
-    from stillroom.export.onnx_generator import export_generator
+    from stillroom.plugins.diffusion.export import export_generator
 
     export_generator(student, out)
     return out
@@ -81,8 +81,8 @@ def generator_artifact(generator_student, tmp_path_factory) -> Path:
 
 
 def test_ort_generator_matches_torch_student(generator_student, generator_artifact):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.torch_runtime import load_torch
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
+    from stillroom.serve.runtimes import torch_runtime as load_torch
 
     ort_gen = load_onnxruntime(generator_artifact, provider="cpu")
     torch_gen = load_torch(generator_student)
@@ -99,7 +99,7 @@ def test_ort_generator_matches_torch_student(generator_student, generator_artifa
 
 @pytest.fixture(scope="module")
 def image_server(generator_artifact):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
     from stillroom.serve.server.app import ServerSettings, create_app
     from stillroom.serve.server.run import ServerThread
 

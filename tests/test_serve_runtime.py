@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stillroom.core.errors import StillroomError
-from stillroom.tiny import build_tiny_llama, build_tokenizer
+from stillroom.testing import build_tiny_llama, build_tokenizer
 from tests.conftest import CORPUS
 
 CHAT_TEMPLATE = (
@@ -111,7 +111,7 @@ def _fallback_export(model_dir: Path, out: Path) -> None:
 def build_lm_artifact(model_dir: Path, out: Path) -> Path:
     """A causal-LM artifact of ``model_dir`` (the exporter's when it is there)."""
     try:
-        from stillroom.export.onnx_lm import export_causal_lm
+        from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
     except ImportError:
         _fallback_export(model_dir, out)
         return out
@@ -168,8 +168,8 @@ def _hf_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def test_ort_greedy_matches_transformers_with_left_padding(lm_pair, lm_artifact):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.sampling import SamplingParams
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
 
     lm = load_onnxruntime(lm_artifact, provider="cpu")
     prompts = [lm.encode("To be, or not"), lm.encode("The"), lm.encode("Whether 'tis nobler in the mind")]
@@ -185,9 +185,9 @@ def test_ort_greedy_matches_transformers_with_left_padding(lm_pair, lm_artifact)
 
 
 def test_torch_runtime_matches_ort_and_full_logits(lm_pair, lm_artifact):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.sampling import SamplingParams
-    from stillroom.serve.torch_runtime import load_torch
+    from stillroom.plugins.lm.sampling import SamplingParams
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
+    from stillroom.serve.runtimes import torch_runtime as load_torch
 
     ort_lm = load_onnxruntime(lm_artifact, provider="cpu")
     torch_lm = load_torch(lm_artifact)  # an artifact means: the model it was exported from
@@ -200,8 +200,8 @@ def test_torch_runtime_matches_ort_and_full_logits(lm_pair, lm_artifact):
 
 
 def test_stop_tokens_and_seeded_sampling(lm_artifact):
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.sampling import SamplingParams
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
 
     lm = load_onnxruntime(lm_artifact, provider="cpu")
     prompt = lm.encode("To be")
@@ -218,7 +218,7 @@ def test_stop_tokens_and_seeded_sampling(lm_artifact):
 
 
 def test_nucleus_probs_against_float64_reference():
-    from stillroom.serve.sampling import nucleus_probs
+    from stillroom.plugins.lm.sampling import nucleus_probs
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=50) * 3
@@ -244,8 +244,8 @@ def test_nucleus_probs_against_float64_reference():
 def test_requested_provider_must_be_available_unless_fallback(lm_artifact):
     import onnxruntime as ort
 
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.ort_session import provider_chain
+    from stillroom.core.ort_session import provider_chain
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
 
     available = ["CPUExecutionProvider"]
     assert provider_chain("auto", available) == ["cpu"]
@@ -263,7 +263,7 @@ def test_requested_provider_must_be_available_unless_fallback(lm_artifact):
 def test_tampered_artifact_is_refused(lm_artifact, tmp_path):
     import shutil
 
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
 
     copy = tmp_path / "copy"
     shutil.copytree(lm_artifact, copy)
@@ -279,8 +279,8 @@ def test_ort_cuda_iobinding_matches_cpu(lm_artifact):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDA execution provider")
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-    from stillroom.serve.sampling import SamplingParams
+    from stillroom.plugins.lm.sampling import SamplingParams
+    from stillroom.serve.runtimes import onnxruntime_runtime as load_onnxruntime
 
     cpu = load_onnxruntime(lm_artifact, provider="cpu")
     gpu = load_onnxruntime(lm_artifact, provider="cuda")

@@ -2,12 +2,12 @@
 
 An artifact is a directory of model files plus ``manifest.json``::
 
-    {"format_version": 1, "kind": "generator" | "causal-lm",
+    {"format_version": 1, "kind": KIND,        # the family's artifact kind (Family.kind)
      "files": [{"path", "sha256", "bytes"}],
      "graphs": {"model": "model.onnx", "text_encoder": "text_encoder.onnx", ...},
      "inputs": [{"name", "dtype", "shape"}], "outputs": [...],      # shape: ints or dim names
-     "sampler": {"steps", "timesteps", "guidance", ...} | null,       # generators
-     "tokenizer": "tokenizer" | null,                                 # LMs: dir inside the artifact
+     "sampler": {"steps", "timesteps", "guidance", ...} | null,       # samplers that unroll steps
+     "tokenizer": "tokenizer" | null,                                 # a folder inside the artifact
      "format": "onnx" | "tensorrt", "exporter": "dynamo" | "torchscript" | ...,
      "precision": "fp32" | "fp16" | "int8", "source": {...}, "versions": {...},
      "validation": {"passed": true, "max_abs_diff", "tolerance", ...}, "extra": {...}}
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,7 +51,7 @@ class TensorSpec(_Strict):
 
 class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
-    kind: Literal["generator", "causal-lm"]
+    kind: str = Field(min_length=1)  # a registered family's ``kind``; runtimes find the family by it
     format: str = "onnx"
     exporter: str = ""
     precision: str = "fp32"

@@ -4,7 +4,7 @@ Every process holds a full copy of each trainable role and the frozen teacher (t
 wrapped or synchronised: it has no gradients). After each role's backward pass the gradients of
 that role are averaged across processes with one all-reduce over a flat buffer, which is what
 ``DistributedDataParallel`` computes; doing it explicitly keeps multi-role methods (critic and
-generator phases, frozen roles, aux heads) free of DDP's one-forward-per-backward rules. Backend:
+student phases, frozen roles, aux heads) free of DDP's one-forward-per-backward rules. Backend:
 gloo on CPU, nccl on CUDA. Only rank 0 writes files.
 """
 

@@ -13,6 +13,11 @@ hookimpl = pluggy.HookimplMarker("stillroom")
 
 
 @hookspec
+def register_families(register):
+    """Register families of students: `register(FamilyClass)` (a `stillroom.core.family.Family`)."""
+
+
+@hookspec
 def register_methods(register):
     """Register distillation methods: `register(MethodClass)` (a `stillroom.core.method.Method`)."""
 
@@ -29,7 +34,7 @@ def register_runtimes(register):
 
 @hookspec
 def register_metrics(register):
-    """Register quality metrics: `register(name, metric_fn)`."""
+    """Register quality metrics: `register(name, metric_fn)` (`stillroom eval` and bench use them)."""
 
 
 @hookspec

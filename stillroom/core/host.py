@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "stillroom"
 BUILTIN_DIST = "stillroom"
-KINDS = ("methods", "exporters", "runtimes", "metrics")
+KINDS = ("families", "methods", "exporters", "runtimes", "metrics")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PluginInfo:
     version: str | None
     builtin: bool
     hooks: list[str] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
     exporters: list[str] = field(default_factory=list)
     runtimes: list[str] = field(default_factory=list)
@@ -50,6 +52,7 @@ class PluginInfo:
             "version": self.version,
             "builtin": self.builtin,
             "hooks": self.hooks,
+            "families": self.families,
             "methods": self.methods,
             "exporters": self.exporters,
             "runtimes": self.runtimes,
@@ -63,7 +66,7 @@ def _error_line(err: BaseException) -> str:
 
 
 class Host:
-    """Loads plugins once and answers: which methods, exporters, runtimes and metrics exist."""
+    """Loads plugins once and answers: which families, methods, exporters, runtimes and metrics exist."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(GROUP)
@@ -133,6 +136,45 @@ class Host:
     def method(self, name: str) -> type:
         return self._lookup("methods", name, "method")
 
+    def metric(self, name: str) -> Callable[..., Any]:
+        return self._lookup("metrics", name, "metric")
+
+    def families(self) -> list[Any]:
+        """Every registered family (a ``stillroom.core.family.Family`` instance), by name."""
+        return [self.registry["families"][n] for n in sorted(self.registry["families"])]
+
+    def family_of_kind(self, kind: str, where: str = "") -> Any:
+        """The family whose artifacts have ``kind`` (``where``: the manifest that says so, for errors)."""
+        for family in self.families():
+            if family.kind == kind:
+                return family
+        known = ", ".join(f"{f.kind} ({f.name})" for f in self.families()) or "none"
+        raise StillroomError(
+            f"{where or 'the artifact'} has kind '{kind}', which no installed family reads",
+            f"known kinds: {known}; install the family's plugin or re-export",
+        )
+
+    def family_for_target(self, target: str) -> Any:
+        """The family of a runtime target: an artifact (by its kind) or a model directory / spec.
+
+        A target no family claims (a hub id, say) goes to the family that claims non-local specs.
+        """
+        from stillroom.core import artifact
+        from stillroom.data import resolve
+
+        path = Path(resolve(str(target))).expanduser()
+        if (path / artifact.MANIFEST).is_file():
+            return self.family_of_kind(artifact.read_manifest(path).kind, str(path / artifact.MANIFEST))
+        for family in self.families():
+            if family.claims(path):
+                return family
+        if path.is_dir():
+            artifact.read_manifest(path)  # an unfinished or damaged artifact: say that, in one line
+        raise StillroomError(
+            f"no installed family can load '{target}'",
+            "give an artifact directory or a model directory (`stillroom plugins` lists families)",
+        )
+
     def exporter(self, name: str) -> Callable[..., Any]:
         return self._lookup("exporters", name, "exporter")
 
@@ -178,6 +220,12 @@ class Host:
 
 
 def _registration(kind: str, args: tuple[Any, ...]) -> tuple[str, Any]:
+    if kind == "families":
+        (cls,) = args
+        family = cls() if isinstance(cls, type) else cls
+        if not getattr(family, "name", "") or not getattr(family, "kind", ""):
+            raise TypeError(f"family {cls!r} has no `name` or `kind`")
+        return family.name, family
     if kind == "methods":
         (cls,) = args
         name = getattr(cls, "name", None)

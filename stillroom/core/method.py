@@ -9,11 +9,11 @@ A method declares
   settings. Trainable roles get an optimizer; the trainer steps, clips, accumulates, casts, averages
   across processes and checkpoints them;
 - its *phases* (``phases``): which role's optimizer steps, how many times, in one training step. A
-  critic that updates N times per generator update (DMD2's two-time-scale rule) is
+  critic that updates N times per student update (DMD2's two-time-scale rule) is
   ``[Phase("critic", repeats=N), Phase("student")]`` with no loop in the method;
 - ``loss(role, batch, step)``: the loss whose gradient updates ``role`` (with its logged metrics);
 - how the student is saved (a directory transformers / diffusers load without stillroom) and, for
-  generators, how it samples.
+  students that sample in steps, how they sample.
 
 The trainer imports nothing method-specific; methods import only core.
 """
@@ -154,5 +154,5 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} must implement save_student()")
 
     def sampler(self) -> dict[str, Any] | None:
-        """For generators: how the student samples (steps, timesteps, guidance); None for LMs."""
+        """How a student that samples in steps does it (steps, timesteps, guidance); None otherwise."""
         return None

@@ -21,42 +21,13 @@ def _is_artifact(path: Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def to_onnx(
-    src,
-    out,
-    *,
-    steps: int | None = None,
-    int8: bool = False,
-    fp16: bool = False,
-    opset: int | None = None,
-    optimize: bool = False,
-    fused: bool = False,
-    last_logits: bool = False,
-    weight_only: str | None = None,
-    **_: Any,
-):
-    from stillroom.export.source import detect
+def to_onnx(src, out, **options: Any):
+    """The family that recognises ``src`` exports it (``Family.export_onnx``)."""
+    from stillroom.core.host import get_host
+    from stillroom.core.source import detect
 
     source = detect(src)
-    if source.kind == "causal-lm":
-        from stillroom.export.onnx_lm import export_causal_lm
-
-        if steps is not None:
-            log.warning("--steps applies to generators; ignored for a causal LM")
-        return export_causal_lm(
-            src,
-            out,
-            opset=opset,
-            int8=int8,
-            fp16=fp16,
-            optimize=optimize,
-            fused=fused,
-            last_logits=last_logits,
-            weight_only=weight_only,
-        )
-    from stillroom.export.onnx_generator import export_generator
-
-    return export_generator(src, out, steps=steps, opset=opset, fp16=fp16, int8=int8)
+    return get_host().family_of_kind(source.kind).export_onnx(Path(src), Path(out), **options)
 
 
 def _onnx_first(src, out: Path, **options):

@@ -141,7 +141,7 @@ def cache_dir() -> Path:
 
 def graph_for_precision(onnx_art: artifact.Artifact, precision: str, work: Path) -> Path:
     """The ONNX graph in ``precision`` (strongly typed networks take the graph's types)."""
-    from stillroom.export import variants
+    from stillroom.core import onnx_variants
 
     source = onnx_art.graph("model")
     if precision == onnx_art.manifest.precision:
@@ -159,7 +159,7 @@ def graph_for_precision(onnx_art: artifact.Artifact, precision: str, work: Path)
     if precision == "fp32":
         return source
     out = Path(work) / f"model.{precision}.onnx"
-    variants.convert_fp16(source, out)
+    onnx_variants.convert_fp16(source, out)
     return out
 
 
@@ -255,9 +255,9 @@ def compare_with_ort(
     profiles: dict[str, dict[str, list[int]]],
     precision: str,
 ) -> dict[str, Any]:
-    from stillroom.export import ort_util
+    from stillroom.core import ort_session
 
-    sess = ort_util.session(graph)
+    sess = ort_session.session(graph)
     names = [o.name for o in sess.get_outputs()]
     vocab = (onnx_art.manifest.extra.get("cache") or {}).get("vocab_size")
     rng = np.random.default_rng(0)
@@ -265,7 +265,7 @@ def compare_with_ort(
     for which in ("min", "opt"):
         shapes = {name: p[which] for name, p in profiles.items()}
         feeds = random_inputs(onnx_art.manifest.inputs, shapes, rng, vocab)
-        ref = dict(zip(names, ort_util.run(sess, feeds), strict=True))
+        ref = dict(zip(names, ort_session.run(sess, feeds), strict=True))
         got = run_engine(trt, plan, feeds)
         for name in names:
             worst = max(worst, float(np.abs(got[name] - ref[name].astype(np.float32)).max()))
@@ -287,7 +287,7 @@ def build(
     profile_overrides: dict[str, tuple[int, int, int]] | None = None,
 ) -> artifact.Artifact:
     trt = require()
-    from stillroom.export import onnx_graph, staging
+    from stillroom.core import onnx_export, staging
 
     profiles = derive_profiles(onnx_art.manifest.inputs, profile_overrides)
     cc = _compute_capability()
@@ -326,7 +326,7 @@ def build(
                 "graphs": {"model": PLAN},
                 "tokenizer": "tokenizer" if onnx_art.manifest.tokenizer else None,
                 "validation": {**comparison, "onnx": m.validation},
-                "versions": {**onnx_graph.versions(), "tensorrt": trt.__version__},
+                "versions": {**onnx_export.versions(), "tensorrt": trt.__version__},
                 "source": {"type": "onnx-artifact", "path": str(onnx_art.root), "onnx_source": m.source},
                 "extra": {
                     **m.extra,

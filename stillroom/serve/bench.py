@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from stillroom.core import artifact as artifacts
+from stillroom.core.bench_plan import BenchSettings, Target
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import write_json, write_text
-from stillroom.serve.bench_plan import BenchSettings, Target
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "embedded:shakespeare"
@@ -53,7 +53,7 @@ def default_teacher(artifact_dir: str | Path) -> Target | None:
 
 def heldout_text(artifact_dir: str | Path | None) -> str:
     """The held-out split of the student's training data (the recipe's data.source), else Shakespeare."""
-    from stillroom.core import data as textdata
+    from stillroom.plugins.lm import data as textdata
 
     source = DEFAULT_DATA
     if artifact_dir is not None:

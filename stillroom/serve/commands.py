@@ -88,9 +88,9 @@ def bench(
     out: Path,
 ) -> None:
     """Benchmark ARTIFACT against its teacher: latency, throughput, memory and quality side by side."""
+    from stillroom.core.bench_plan import BenchSettings
     from stillroom.core.host import get_host
     from stillroom.serve.bench import parse_batches, run_bench
-    from stillroom.serve.bench_plan import BenchSettings
 
     names = [n.strip() for r in runtimes for n in r.split(",") if n.strip()]
     for name in names:

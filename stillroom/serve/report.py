@@ -272,11 +272,13 @@ def html_section(report: dict[str, Any], md_table: str, grids: dict[str, bytes],
 
 
 def html_page(report: dict[str, Any], md_table: str, grids: dict[str, bytes]) -> str:
-    return "\n".join([
-        PAGE_HEAD.format(title="stillroom bench"),
-        html_section(report, md_table, grids),
-        "<h2>Machine</h2><pre>" + html.escape(_pretty(report["machine"])) + "</pre></body></html>",
-    ])
+    return "\n".join(
+        [
+            PAGE_HEAD.format(title="stillroom bench"),
+            html_section(report, md_table, grids),
+            "<h2>Machine</h2><pre>" + html.escape(_pretty(report["machine"])) + "</pre></body></html>",
+        ]
+    )
 
 
 def _pretty(obj: Any) -> str:

@@ -1,30 +1,31 @@
 """Runtime factories as registered with the host: ``factory(target, name=None, **options)``.
 
-Each imports its backend only when called, so listing plugins never imports torch, onnxruntime or
-tensorrt.
+A runtime names no family: it asks the host which family owns ``target`` (an artifact by its kind, a
+model directory by ``Family.claims``) and that family's ``load`` opens it. Backends are imported only
+when a model is loaded, so listing plugins never imports torch, onnxruntime or tensorrt.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from stillroom.core.host import get_host
+
+
+def _load(runtime: str, target: str, options: dict[str, Any]):
+    return get_host().family_for_target(str(target)).load(runtime, str(target), **options)
+
 
 def torch_runtime(target: str, **options: Any):
     """Options: device ("cpu" | "cuda" | "auto"), compile (bool), steps / guidance (diffusion teachers)."""
-    from stillroom.serve.torch_runtime import load_torch
-
-    return load_torch(target, **options)
+    return _load("torch", target, options)
 
 
 def onnxruntime_runtime(target: str, **options: Any):
     """Options: provider ("auto" | "tensorrt" | "cuda" | "cpu"), allow_fallback, intra/inter_op_threads."""
-    from stillroom.serve.onnxruntime_runtime import load_onnxruntime
-
-    return load_onnxruntime(target, **options)
+    return _load("onnxruntime", target, options)
 
 
 def tensorrt_runtime(target: str, **options: Any):
     """A TensorRT engine artifact (GPU only)."""
-    from stillroom.serve.tensorrt_runtime import load_tensorrt
-
-    return load_tensorrt(target, **options)
+    return _load("tensorrt", target, options)

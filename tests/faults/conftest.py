@@ -23,28 +23,28 @@ FORBIDDEN_IN_BODIES = ("Traceback", 'File "', "site-packages", "/stillroom/")
 
 @pytest.fixture(scope="session")
 def lm_student(tmp_path_factory) -> Path:
-    from stillroom.tiny import build_tiny_lm
+    from stillroom.testing import build_tiny_lm
 
     return build_tiny_lm(tmp_path_factory.mktemp("faults-lm") / "student", family="llama")
 
 
 @pytest.fixture(scope="session")
 def gen_student(tmp_path_factory) -> Path:
-    from stillroom.tiny import build_tiny_generator
+    from stillroom.testing import build_tiny_generator
 
     return build_tiny_generator(tmp_path_factory.mktemp("faults-gen") / "student", steps=2, size=8)
 
 
 @pytest.fixture(scope="session")
 def lm_art(lm_student) -> Path:
-    from stillroom.export.onnx_lm import export_causal_lm
+    from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
 
     return export_causal_lm(lm_student, lm_student.parent / "artifact").root
 
 
 @pytest.fixture(scope="session")
 def gen_art(gen_student) -> Path:
-    from stillroom.export.onnx_generator import export_generator
+    from stillroom.plugins.diffusion.export import export_generator
 
     return export_generator(gen_student, gen_student.parent / "artifact").root
 

@@ -2,18 +2,36 @@
 
 One file per method: ``progressive`` (Salimans & Ho 2022), ``consistency`` (LCM, Hyper-SD segments),
 ``dmd2`` (Yin et al. 2024), ``vsd`` (SwiftBrush + SNOOPI). Every student can use the ``hybrid`` sampler
-(Gandikota & Bau 2025) through ``student.hybrid_teacher_steps``; see ``stillroom.core.generator``.
+(Gandikota & Bau 2025) through ``student.hybrid_teacher_steps``; see ``stillroom.plugins.diffusion.sampler``.
 """
 
 from stillroom.core.hookspecs import hookimpl
 
 
 @hookimpl
+def register_families(register):
+    from stillroom.plugins.diffusion.family import GeneratorFamily
+
+    register(GeneratorFamily)
+
+
+@hookimpl
+def register_metrics(register):
+    def fid_like(*args, **kwargs):
+        """FID-like, class accuracy, diversity and recall of MNIST-scale images (``metrics.evaluate_images``)."""
+        from stillroom.plugins.diffusion.metrics import evaluate_images
+
+        return evaluate_images(*args, **kwargs)
+
+    register("fid_like", fid_like)
+
+
+@hookimpl
 def register_methods(register):
-    from stillroom.plugins.diffusion.consistency import Consistency
-    from stillroom.plugins.diffusion.dmd2 import DMD2
-    from stillroom.plugins.diffusion.progressive import Progressive
-    from stillroom.plugins.diffusion.vsd import VSD
+    from stillroom.plugins.diffusion.methods.consistency import Consistency
+    from stillroom.plugins.diffusion.methods.dmd2 import DMD2
+    from stillroom.plugins.diffusion.methods.progressive import Progressive
+    from stillroom.plugins.diffusion.methods.vsd import VSD
 
     for method in (Progressive, Consistency, DMD2, VSD):
         register(method)

@@ -21,10 +21,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stillroom.core import diffusion_models as dm
-from stillroom.core import generator as gen
 from stillroom.core.errors import StillroomError
 from stillroom.core.method import Method, Params, Role
+from stillroom.plugins.diffusion import models as dm
+from stillroom.plugins.diffusion import sampler as gen
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class DiffusionMethod(Method):
         return self.teacher.image_size * factor
 
     def dataset(self):
-        from stillroom.core.image_data import Prompts, load_image_dataset
+        from stillroom.plugins.diffusion.data import Prompts, load_image_dataset
 
         channels = (
             self.teacher.vae.config.in_channels if self.teacher.vae is not None else self.teacher.channels
@@ -310,7 +310,7 @@ class DiffusionMethod(Method):
             return {}
         if not (root() / "mnist_classifier").is_dir():
             return {}
-        from stillroom.core.image_metrics import evaluate_images, load_classifier
+        from stillroom.plugins.diffusion.metrics import evaluate_images, load_classifier
 
         n = self.recipe.data.eval_per_class
         labels = torch.arange(t.num_classes, device=self.ctx.device).repeat_interleave(n)

@@ -5,13 +5,31 @@ from stillroom.core.hookspecs import hookimpl
 
 
 @hookimpl
+def register_families(register):
+    from stillroom.plugins.lm.family import CausalLMFamily
+
+    register(CausalLMFamily)
+
+
+@hookimpl
+def register_metrics(register):
+    def perplexity(*args, **kwargs):
+        """Held-out perplexity and top-1 agreement of a causal LM (``metrics.evaluate_lm``)."""
+        from stillroom.plugins.lm.metrics import evaluate_lm
+
+        return evaluate_lm(*args, **kwargs)
+
+    register("perplexity", perplexity)
+
+
+@hookimpl
 def register_methods(register):
-    from stillroom.plugins.lm.gkd import GKD
-    from stillroom.plugins.lm.hidden import Hidden
-    from stillroom.plugins.lm.kd import KD
-    from stillroom.plugins.lm.seqkd import SeqKD
-    from stillroom.plugins.lm.sinkhorn import Sinkhorn
-    from stillroom.plugins.lm.taid import TAID
+    from stillroom.plugins.lm.methods.gkd import GKD
+    from stillroom.plugins.lm.methods.hidden import Hidden
+    from stillroom.plugins.lm.methods.kd import KD
+    from stillroom.plugins.lm.methods.seqkd import SeqKD
+    from stillroom.plugins.lm.methods.sinkhorn import Sinkhorn
+    from stillroom.plugins.lm.methods.taid import TAID
 
     for method in (KD, TAID, Sinkhorn, GKD, SeqKD, Hidden):
         register(method)

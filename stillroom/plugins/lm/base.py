@@ -24,10 +24,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from stillroom.core import data as textdata
-from stillroom.core import distributed, models
+from stillroom.core import distributed
 from stillroom.core.errors import StillroomError
 from stillroom.core.method import Method, Params, Role
+from stillroom.plugins.lm import data as textdata
+from stillroom.plugins.lm import models
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class LMMethod(Method):
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, student) -> dict[str, float]:
-        from stillroom.core.lm_metrics import evaluate_lm
+        from stillroom.plugins.lm.metrics import evaluate_lm
 
         blocks = self.heldout().to(self.ctx.device)
         top1 = self.cache.eval_top1.to(self.ctx.device) if self.cache is not None else None

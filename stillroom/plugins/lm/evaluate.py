@@ -57,12 +57,12 @@ def evaluate_dir(
     """The evaluation as a dict: perplexity, top1_agreement (with a teacher), samples."""
     import torch
 
-    from stillroom.core import data as textdata
-    from stillroom.core import models
-    from stillroom.core.lm_metrics import evaluate_lm
     from stillroom.core.trainer import resolve_device
+    from stillroom.plugins.lm import data as textdata
+    from stillroom.plugins.lm import models
     from stillroom.plugins.lm.base import check_same_vocab_size, check_same_vocabulary
     from stillroom.plugins.lm.generate import sample
+    from stillroom.plugins.lm.metrics import evaluate_lm
 
     model_dir, teacher_spec, source, seq_len = resolve_target(Path(target), teacher, data, seq_len)
     dev = resolve_device(device)

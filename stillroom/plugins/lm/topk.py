@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stillroom.core.data import pad_examples
 from stillroom.core.fsio import atomic_dir
+from stillroom.plugins.lm.data import pad_examples
 
 log = logging.getLogger(__name__)
 

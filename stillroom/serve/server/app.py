@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stillroom.serve.loaded import ImageGenerator, LanguageModel
-from stillroom.serve.sampling import SamplingParams
+from stillroom.plugins.diffusion.runtime import ImageGenerator
+from stillroom.plugins.lm.runtime import LanguageModel
+from stillroom.plugins.lm.sampling import SamplingParams
 from stillroom.serve.server.batcher import MicroBatcher
 from stillroom.serve.server.errors import ApiError, error_body, error_response, validation_message
 from stillroom.serve.server.guard import Guard

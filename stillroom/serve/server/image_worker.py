@@ -12,7 +12,7 @@ import io
 
 import numpy as np
 
-from stillroom.serve.loaded import ImageGenerator
+from stillroom.plugins.diffusion.runtime import ImageGenerator
 from stillroom.serve.server.batcher import Job
 from stillroom.serve.server.metrics import Metrics
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stillroom.serve.loaded import LanguageModel
-from stillroom.serve.sampling import SamplingParams
+from stillroom.plugins.lm.runtime import LanguageModel
+from stillroom.plugins.lm.sampling import SamplingParams
 from stillroom.serve.server.batcher import Job
 from stillroom.serve.server.metrics import Metrics
 

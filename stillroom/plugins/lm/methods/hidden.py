@@ -1,0 +1,155 @@
+"""Intermediate-representation matching (FitNets, Romero et al. 2015, "FitNets: Hints for Thin Deep
+Nets"; for transformers e.g. TinyBERT, Jiao et al. 2020; MiniLM-style layer mapping):
+
+    L = hidden_weight * 1/|P| sum_{(s, t) in P} d(W_s h_student^(s), h_teacher^(t))
+        + kd_ratio * D(p_teacher, q_student) + (1 - kd_ratio) * CE
+
+    d = mse:    1/D ||W h_s - h_t||^2             (per position, averaged over counted positions)
+    d = cosine: 1 - cos(W h_s, h_t)
+
+Pairs (student layer, teacher layer) are given by index into ``output_hidden_states`` (0 = the
+embeddings, i = the output of block i) or by module path (the module's output, e.g.
+``model.layers.1.mlp``). By default student block j is paired with teacher block round(j * T / S),
+the uniform mapping. W is a learned linear projection where the widths differ (identity otherwise);
+the projections live in the student role's ``aux`` (trained with the student, checkpointed, never
+saved with it). The logit term is any divergence of ``kd`` (``divergence``, ``kd_ratio``;
+``kd_ratio: 0`` leaves hidden matching + CE).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from stillroom.core.errors import StillroomError
+from stillroom.core.method import StepOutput
+from stillroom.plugins.lm import losses
+from stillroom.plugins.lm.methods.kd import KD, KDParams
+
+
+class HiddenParams(KDParams):
+    pairs: list[tuple[int | str, int | str]] | None = Field(
+        None, description="[[student, teacher], ...] layer indices or module paths; default: uniform"
+    )
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    hidden_weight: float = Field(1.0, ge=0)
+    kd_ratio: float = Field(
+        0.5, ge=0, le=1, description="weight of the logit KD term; 1 - kd_ratio weights CE"
+    )
+
+
+class Hidden(KD):
+    name = "hidden"
+    description = "hidden-state matching (layer pairs, learned projections, mse|cosine) + logit KD/CE"
+    paper = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets"
+    Params = HiddenParams
+    needs_live_teacher = True
+
+    def aux_modules(self, teacher) -> torch.nn.Module:
+        self.pairs = self.params.pairs or uniform_pairs(
+            self.student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        )
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.ctx.device)
+        probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            _, s_feats = features(self.student, probe, [s for s, _ in self.pairs])
+            _, t_feats = features(teacher, probe, [t for _, t in self.pairs])
+        self.projections = torch.nn.ModuleList(
+            torch.nn.Identity()
+            if s.shape[-1] == t.shape[-1]
+            else torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+            for s, t in zip(s_feats, t_feats, strict=True)
+        )
+        return (
+            self.projections.to(self.ctx.device) if any(True for _ in self.projections.parameters()) else None
+        )
+
+    def loss(self, role: str, batch, step: int) -> StepOutput:
+        p = self.params
+        inputs = self.model_inputs(batch)
+        logits, s_feats = features(self.student, inputs, [s for s, _ in self.pairs])
+        with torch.no_grad():
+            t_logits, t_feats = features(self.teacher, inputs, [t for _, t in self.pairs])
+        mask = batch["attention_mask"]
+        hidden = sum(
+            hidden_distance(proj(s), t, mask, p.hidden_loss)
+            for proj, s, t in zip(self.projections, s_feats, t_feats, strict=True)
+        ) / len(self.pairs)
+        ce = self.cross_entropy(logits, batch)
+        total = p.hidden_weight * hidden + (1 - p.kd_ratio) * ce
+        metrics = {"hidden": hidden.item(), "ce": ce.item()}
+        if p.kd_ratio > 0:
+            kd = losses.divergence(
+                p.divergence,
+                logits[:, :-1],
+                t_logits[:, :-1],
+                self.loss_mask(batch),
+                p.temperature,
+                beta=p.beta,
+                alpha=p.alpha,
+            )
+            total = total + p.kd_ratio * kd
+            metrics["kd"] = kd.item()
+        return StepOutput(total, metrics)
+
+
+def uniform_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Student block j (1-based output index) -> teacher block round(j * T / S)."""
+    return [(j, round(j * teacher_layers / student_layers)) for j in range(1, student_layers + 1)]
+
+
+def hidden_distance(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Per-position mse (mean over features) or 1 - cosine, averaged over positions where mask = 1."""
+    s, t = student.float(), teacher.detach().float()
+    per_position = (s - t).pow(2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1)
+    m = mask.to(per_position.dtype)
+    return (per_position * m).sum() / m.sum().clamp_min(1.0)
+
+
+def features(model, inputs, keys: list[int | str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's logits and the hidden states named by ``keys`` (indices or module paths)."""
+    paths = [k for k in keys if isinstance(k, str)]
+    with _capture(model, paths) as captured:
+        out = model(**inputs, output_hidden_states=any(isinstance(k, int) for k in keys))
+    states = out.hidden_states
+    picked = []
+    for key in keys:
+        if isinstance(key, str):
+            picked.append(captured[key])
+            continue
+        if not -len(states) <= key < len(states):
+            raise StillroomError(
+                f"hidden-state index {key} is out of range for {type(model).__name__} ({len(states)} states)",
+                f"use 0..{len(states) - 1} in method.pairs",
+            )
+        picked.append(states[key])
+    return out.logits, picked
+
+
+@contextmanager
+def _capture(model, paths: list[str]):
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for path in paths:
+        if path not in modules:
+            raise StillroomError(
+                f"module path '{path}' is not in {type(model).__name__}",
+                "use a name from model.named_modules(), e.g. model.layers.0",
+            )
+
+        def hook(_module, _args, output, _path=path):
+            captured[_path] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(modules[path].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
