@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+LINTED := stillroom tests benchmarks examples
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-slow demo lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,15 +19,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+# Part of `make test` (and so of CI): lint and formatting are checked, not only offered.
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+# Long runs kept out of `make test` (minutes each): `@pytest.mark.slow`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(BIN)/stillroom demo
-
-lint: $(STAMP)
-	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check stillroom tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

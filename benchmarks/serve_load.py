@@ -40,9 +40,9 @@ def _free_port() -> int:
 def _tiny_artifact(root: Path) -> Path:
     sys.path.insert(0, str(REPO))
     from stillroom.plugins.diffusion.export import export_generator
-    from tests.test_serve_images import build_generator_student
+    from stillroom.testing import build_tiny_generator
 
-    student = build_generator_student(root / "student", steps=2)
+    student = build_tiny_generator(root / "student", steps=2, size=28)
     export_generator(student, root / "artifact")
     return root / "artifact"
 

@@ -74,18 +74,37 @@ def soak(url: str, kind: str, clients: int, seconds: float, max_requests: int = 
             hist[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     return {
-        "kind": kind, "clients": clients, "seconds": round(wall, 1), "requests": len(latencies) + len(errors),
-        "ok": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-        "req_per_s": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1),
-        "batches": hist.get("+Inf", 0.0), "multi_item_batches": hist.get("+Inf", 0.0) - hist.get("1", 0.0),
+        "kind": kind,
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(latencies) + len(errors),
+        "ok": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "req_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "max_ms": round(float(lat.max()), 1),
+        "batches": hist.get("+Inf", 0.0),
+        "multi_item_batches": hist.get("+Inf", 0.0) - hist.get("1", 0.0),
         "batch_histogram": hist,
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = ["kind", "clients", "seconds", "requests", "errors", "req_per_s", "p50_ms", "p99_ms", "max_ms",
-            "batches", "multi_item_batches"]
+    head = [
+        "kind",
+        "clients",
+        "seconds",
+        "requests",
+        "errors",
+        "req_per_s",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "batches",
+        "multi_item_batches",
+    ]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     lines += [" | ".join(str(row[h]) for h in head) for row in rows]
     return "\n".join(lines)

@@ -45,8 +45,16 @@ def tiny_teacher(tmp_path_factory, corpus_dir) -> Path:
 
 def lm_recipe(teacher: Path, corpus: Path, **train) -> dict:
     """A tiny but complete KD recipe as a dict (tests write it as YAML)."""
-    base_train = {"steps": 6, "batch_size": 4, "lr": 1e-3, "seed": 0, "checkpoint_every": 2,
-                  "keep_checkpoints": 3, "device": "cpu", "tensorboard": False}
+    base_train = {
+        "steps": 6,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "seed": 0,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+        "device": "cpu",
+        "tensorboard": False,
+    }
     base_train.update(train)
     return {
         "description": "tiny test recipe",

@@ -42,7 +42,11 @@ def falls(values, frac=0.9):
     ],
 )
 def test_short_run_lowers_the_loss_and_saves_a_loadable_generator(
-    tmp_path, class_teacher, label_folder, method, key  # noqa: F811
+    tmp_path,
+    class_teacher,
+    label_folder,
+    method,
+    key,  # noqa: F811
 ):
     data = diffusion_recipe(
         method, class_teacher, {"source": str(label_folder)}, steps=40, lr=3e-3, batch_size=8
@@ -91,7 +95,9 @@ def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):  #
 
 
 def test_student_init_starts_from_a_distilled_student_and_refuses_mismatches(
-    tmp_path, class_teacher, label_folder  # noqa: F811
+    tmp_path,
+    class_teacher,
+    label_folder,  # noqa: F811
 ):
     from safetensors.torch import load_file
 

@@ -5,57 +5,14 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
-import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
+from stillroom.testing import build_tiny_generator
 from tests.test_serve_runtime import once
-
-
-def build_generator_student(out: Path, size: int = 28, steps: int = 2, seed: int = 0) -> Path:
-    """A tiny class-conditional generator student directory (unet/, scheduler/, stillroom.json)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stillroom.plugins.diffusion.sampler import ddim_timesteps
-
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=11,
-    )
-    unet.save_pretrained(out / "unet")
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    scheduler.save_pretrained(out / "scheduler")
-    sampler = {
-        "steps": steps,
-        "timesteps": ddim_timesteps(scheduler.config, steps),
-        "guidance": None,
-        "guidance_embed": False,
-        "prediction": "epsilon",
-        "boundary": None,
-        "conditioning": "class",
-        "num_classes": 10,
-        "null_class": 10,
-        "image_size": size,
-        "channels": 1,
-        "latent": False,
-        "hybrid": None,
-    }
-    (out / "stillroom.json").write_text(
-        json.dumps({"format_version": 1, "method": "test", "family": "diffusion", "sampler": sampler})
-    )
-    return out
 
 
 def build_generator_artifact(student: Path, out: Path) -> Path:
@@ -68,7 +25,7 @@ def build_generator_artifact(student: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def generator_student(tmp_path_factory) -> Path:
     return once(
-        "generator_student", lambda: build_generator_student(tmp_path_factory.mktemp("gen") / "student")
+        "generator_student", lambda: build_tiny_generator(tmp_path_factory.mktemp("gen") / "student", size=28)
     )
 
 

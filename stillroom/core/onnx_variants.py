@@ -21,6 +21,7 @@ from stillroom.core.onnx_export import EXTERNAL_DATA_BYTES
 
 log = logging.getLogger(__name__)
 
+
 def save_model(model, dst: Path) -> None:
     """Single file, or ``dst`` + ``dst.data`` when the weights exceed ``EXTERNAL_DATA_BYTES``."""
     import onnx

@@ -79,9 +79,22 @@ def serve(artifact: Path, workdir: Path, *args: str, timeout: float = 120):
     workdir.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [STILLROOM, "serve", str(artifact), "--port", str(port), "--provider", "cpu", "--threads", "1",
-             *args],
-            cwd=workdir, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err,
+            [
+                STILLROOM,
+                "serve",
+                str(artifact),
+                "--port",
+                str(port),
+                "--provider",
+                "cpu",
+                "--threads",
+                "1",
+                *args,
+            ],
+            cwd=workdir,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
         )
     url = f"http://127.0.0.1:{port}"
     served = Served(proc, url, log)

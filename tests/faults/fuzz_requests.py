@@ -15,17 +15,63 @@ from dataclasses import dataclass, field
 
 HUGE = [2**31, 2**63, 2**64, 10**30, -(2**63) - 1, 1e308, -1e308, 1.7976931348623157e308, 5e-324]
 STRINGS = [
-    "", " ", "\x00", "\u202eevil", "😀" * 50, "ﬀ" * 10, "a" * 3000, "\n\r\t", "<script>", "../../etc/passwd",
-    "/etc/passwd", "file:///etc/passwd", "%00", "{{7*7}}", "' OR 1=1 --", "\ufeff", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "",
+    " ",
+    "\x00",
+    "\u202eevil",
+    "😀" * 50,
+    "ﬀ" * 10,
+    "a" * 3000,
+    "\n\r\t",
+    "<script>",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "file:///etc/passwd",
+    "%00",
+    "{{7*7}}",
+    "' OR 1=1 --",
+    "\ufeff",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
 ]
-RAW_TOKENS = ["NaN", "Infinity", "-Infinity", '"\\ud800"', '"\\udfff\\ud800"', "1e999", "-0", "[]", "{}",
-              "null", "true", '"\\u0000"']
+RAW_TOKENS = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    '"\\ud800"',
+    '"\\udfff\\ud800"',
+    "1e999",
+    "-0",
+    "[]",
+    "{}",
+    "null",
+    "true",
+    '"\\u0000"',
+]
 CONTENT_TYPES = [
-    "application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-    "application/json; charset=latin-1", "application/xml", "", "*/*", "application/json\x7f",
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/json; charset=latin-1",
+    "application/xml",
+    "",
+    "*/*",
+    "application/json\x7f",
 ]
-FIELDS_LM = ["prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "model",
-             "messages", "logprobs", "user"]
+FIELDS_LM = [
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "model",
+    "messages",
+    "logprobs",
+    "user",
+]
 FIELDS_IMAGE = ["prompt", "class_label", "n", "seed", "guidance_scale", "response_format", "size", "model"]
 
 
@@ -58,8 +104,10 @@ def _random_value(rng: random.Random, depth: int = 0):
     if kind == 6:
         return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
     if kind == 7:
-        return {rng.choice(STRINGS[:8] + ["prompt", "n"]): _random_value(rng, depth + 1)
-                for _ in range(rng.randrange(0, 4))}
+        return {
+            rng.choice(STRINGS[:8] + ["prompt", "n"]): _random_value(rng, depth + 1)
+            for _ in range(rng.randrange(0, 4))
+        }
     return rng.choice(STRINGS)
 
 
@@ -85,8 +133,11 @@ class Fuzzer:
     def valid(self) -> dict:
         r = self.rng
         if self.kind == "causal-lm":
-            body = {"prompt": r.choice(["To be", "", "😀 ünïcödé", "a" * r.randrange(1, 60)]),
-                    "max_tokens": r.randrange(1, 9), "temperature": r.choice([0, 0.7, 1.0, 2])}
+            body = {
+                "prompt": r.choice(["To be", "", "😀 ünïcödé", "a" * r.randrange(1, 60)]),
+                "max_tokens": r.randrange(1, 9),
+                "temperature": r.choice([0, 0.7, 1.0, 2]),
+            }
             if r.random() < 0.3:
                 body["stream"] = True
             if r.random() < 0.2:
@@ -129,7 +180,7 @@ class Fuzzer:
             size = self.max_body + r.randrange(1, 5000)
             body = json.dumps({"prompt": "x" * size}).encode()
             if r.random() < 0.5:
-                chunks = [body[i:i + 4096] for i in range(0, len(body), 4096)]
+                chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)]
                 return Case("POST", self.route, headers, chunks=chunks, what="oversized chunked body")
             return Case("POST", self.route, headers, body, what="oversized body")
         if pick < 0.87:
@@ -140,27 +191,57 @@ class Fuzzer:
         if pick < 0.93:
             method = r.choice(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
             path = r.choice([self.route, "/v1/models", "/health", "/metrics"])
-            return Case(method, path, headers, _encode(self.valid(), r) if method != "GET" else None,
-                        what=f"{method} {path}")
-        path = r.choice([
-            "/", "/v1", "/v1/chat/completions", "/v1/embeddings", "/../../etc/passwd",
-            "/%2e%2e/%2e%2e/etc/passwd", "/v1/completions/../../manifest.json", "/manifest.json",
-            "/model.onnx", "/static/..%2fmanifest.json",
-            "/docs", "/openapi.json", "/" + "a" * r.randrange(100, 6000), "/v1/models/../../../etc/shadow",
-            "/v1/completions?prompt=hi", "/\u00e9\u00e8", "/%00", "/v1//completions",
-        ])
+            return Case(
+                method,
+                path,
+                headers,
+                _encode(self.valid(), r) if method != "GET" else None,
+                what=f"{method} {path}",
+            )
+        path = r.choice(
+            [
+                "/",
+                "/v1",
+                "/v1/chat/completions",
+                "/v1/embeddings",
+                "/../../etc/passwd",
+                "/%2e%2e/%2e%2e/etc/passwd",
+                "/v1/completions/../../manifest.json",
+                "/manifest.json",
+                "/model.onnx",
+                "/static/..%2fmanifest.json",
+                "/docs",
+                "/openapi.json",
+                "/" + "a" * r.randrange(100, 6000),
+                "/v1/models/../../../etc/shadow",
+                "/v1/completions?prompt=hi",
+                "/\u00e9\u00e8",
+                "/%00",
+                "/v1//completions",
+            ]
+        )
         method = r.choice(["GET", "POST"])
         return Case(method, path, headers, _encode(self.valid(), r), what=f"path {path[:40]}")
 
     def _broken_bytes(self) -> bytes:
         r = self.rng
         good = _encode(self.valid(), r)
-        return r.choice([
-            b"", b" ", b"null", good[: r.randrange(1, max(2, len(good)))],
-            bytes(r.randrange(256) for _ in range(64)),
-            b"\xef\xbb\xbf" + good, good.decode().encode("utf-16"), b"\xff\xfe\x00", good + b"garbage",
-            b'{"prompt": "\xc3\x28"}', b"[" * 20, b'{"prompt": 1' + b"0" * 5000 + b"}",
-        ])
+        return r.choice(
+            [
+                b"",
+                b" ",
+                b"null",
+                good[: r.randrange(1, max(2, len(good)))],
+                bytes(r.randrange(256) for _ in range(64)),
+                b"\xef\xbb\xbf" + good,
+                good.decode().encode("utf-16"),
+                b"\xff\xfe\x00",
+                good + b"garbage",
+                b'{"prompt": "\xc3\x28"}',
+                b"[" * 20,
+                b'{"prompt": 1' + b"0" * 5000 + b"}",
+            ]
+        )
 
     def cases(self, n: int) -> list[Case]:
         return [self.one() for _ in range(n)]

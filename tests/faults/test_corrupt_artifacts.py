@@ -135,9 +135,22 @@ def _escape_tokenizer(root):
     return "escapes the artifact directory"
 
 
-LM_DAMAGE = [_onnx_truncated, _onnx_garbage_rehashed, _onnx_missing, _manifest_truncated, _manifest_garbage,
-             _manifest_not_object, _manifest_wrong_kind, _manifest_removed, _tokenizer_garbage_rehashed,
-             _escape_dotdot, _escape_absolute, _escape_files_entry, _escape_symlink, _escape_tokenizer]
+LM_DAMAGE = [
+    _onnx_truncated,
+    _onnx_garbage_rehashed,
+    _onnx_missing,
+    _manifest_truncated,
+    _manifest_garbage,
+    _manifest_not_object,
+    _manifest_wrong_kind,
+    _manifest_removed,
+    _tokenizer_garbage_rehashed,
+    _escape_dotdot,
+    _escape_absolute,
+    _escape_files_entry,
+    _escape_symlink,
+    _escape_tokenizer,
+]
 GEN_DAMAGE = [_onnx_truncated, _onnx_garbage_rehashed, _manifest_truncated, _escape_dotdot, _escape_symlink]
 
 
@@ -157,13 +170,26 @@ def test_serve_refuses_damaged_generator_artifact(damage, gen_art, tmp_path, cap
     assert named in err
 
 
-@pytest.mark.parametrize("damage", [_onnx_truncated, _manifest_garbage, _escape_dotdot],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "damage", [_onnx_truncated, _manifest_garbage, _escape_dotdot], ids=lambda f: f.__name__.strip("_")
+)
 def test_bench_refuses_damaged_artifact(damage, lm_art, tmp_path, capsys, monkeypatch):
     root = copy_tree(lm_art, tmp_path / "art")
     named = damage(root)
-    err = run_cli(capsys, monkeypatch, "bench", str(root), "--out", str(tmp_path / "report"), "--batch", "1",
-                  "--repeats", "1", "--warmup", "0")
+    err = run_cli(
+        capsys,
+        monkeypatch,
+        "bench",
+        str(root),
+        "--out",
+        str(tmp_path / "report"),
+        "--batch",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
     assert named in err
     assert not (tmp_path / "report" / "report.json").exists()
 
@@ -183,7 +209,7 @@ def _weights_header_lies(root):
     path = root / "model.safetensors"
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    path.write_bytes(data[: 8 + n] + data[8 + n: 8 + n + 16])
+    path.write_bytes(data[: 8 + n] + data[8 + n : 8 + n + 16])
     return "model.safetensors"
 
 
@@ -197,8 +223,11 @@ def _unet_weights_truncated(root):
     return "unet"
 
 
-@pytest.mark.parametrize("damage", [_weights_truncated, _weights_garbage, _weights_header_lies,
-                                    _config_garbage], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "damage",
+    [_weights_truncated, _weights_garbage, _weights_header_lies, _config_garbage],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_export_refuses_damaged_lm_student(damage, lm_student, tmp_path, capsys, monkeypatch):
     src = copy_tree(lm_student, tmp_path / "student")
     named = damage(src)
@@ -219,8 +248,13 @@ def test_real_process_prints_one_line_for_damaged_artifact(lm_art, tmp_path):
     """The same through a real `stillroom serve` process: stderr is one line, the exit status is 1."""
     root = copy_tree(lm_art, tmp_path / "art")
     _onnx_truncated(root)
-    proc = subprocess.run([STILLROOM, "serve", str(root), "--port", "0"], env=cli_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [STILLROOM, "serve", str(root), "--port", "0"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.onnx" in lines[0], proc.stderr

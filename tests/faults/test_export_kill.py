@@ -39,8 +39,13 @@ POINTS = {
 
 def export(src: Path, out: Path, hold: bool = False) -> subprocess.Popen:
     command = [sys.executable, "-c", HOLD_BEFORE_MANIFEST] if hold else [STILLROOM]
-    return subprocess.Popen([*command, "export", str(src), "--out", str(out)], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*command, "export", str(src), "--out", str(out)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen, out: Path, reached) -> None:
@@ -57,9 +62,13 @@ def kill_when(proc: subprocess.Popen, out: Path, reached) -> None:
     assert hit and proc.returncode == -signal.SIGKILL, f"the export ended before the kill point: {err[-500:]}"
 
 
-@pytest.mark.parametrize("point", [
-    "before-manifest", pytest.param("graph-write", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "point",
+    [
+        "before-manifest",
+        pytest.param("graph-write", marks=pytest.mark.slow),
+    ],
+)
 def test_killed_export_leaves_no_manifest_and_rerun_is_valid(point, lm_student, tmp_path):
     out = tmp_path / "exports" / "lm"
     kill_when(export(lm_student, out, hold=point == "before-manifest"), out, POINTS[point])

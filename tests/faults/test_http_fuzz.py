@@ -87,8 +87,9 @@ def rss(pid: int) -> int:
 def test_fuzzed_requests_never_5xx_and_server_stays_healthy(kind, lm_art, gen_art, tmp_path, record_property):
     art = lm_art if kind == "causal-lm" else gen_art
     workdir = tmp_path / "cwd"
-    with serve(art, workdir, "--max-body-bytes", str(MAX_BODY), "--max-tokens-limit", "8",
-               "--max-wait-ms", "2") as server:
+    with serve(
+        art, workdir, "--max-body-bytes", str(MAX_BODY), "--max-tokens-limit", "8", "--max-wait-ms", "2"
+    ) as server:
         fuzzer = Fuzzer(kind, seed=8, max_body=MAX_BODY)
         first = fuzz_round(server.url, fuzzer, ROUND[kind])
         if kind == "causal-lm":
@@ -106,8 +107,10 @@ def test_fuzzed_requests_never_5xx_and_server_stays_healthy(kind, lm_art, gen_ar
     record_property("requests", sum(statuses.values()))
     record_property("statuses", json.dumps({str(k): v for k, v in sorted(statuses.items(), key=str)}))
     record_property("rss_mb", [round(rss_after_first / 2**20, 1), round(rss_after_second / 2**20, 1)])
-    print(f"\n{kind}: {sum(statuses.values())} fuzzed requests, statuses {statuses}, server RSS "
-          f"{rss_after_first / 2**20:.1f} -> {rss_after_second / 2**20:.1f} MiB")
+    print(
+        f"\n{kind}: {sum(statuses.values())} fuzzed requests, statuses {statuses}, server RSS "
+        f"{rss_after_first / 2**20:.1f} -> {rss_after_second / 2**20:.1f} MiB"
+    )
     assert statuses.get(200, 0) > 20, statuses  # the fuzzer also exercised real generation
     assert sum(v for k, v in statuses.items() if k is not None and k >= 400) > ROUND[kind] // 2
     assert rss_after_second - rss_after_first < RSS_GROWTH_LIMIT

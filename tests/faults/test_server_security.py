@@ -29,20 +29,45 @@ def test_defaults_are_loopback_and_bounded():
 
 
 def test_live_server_binds_loopback_enforces_key_body_limit_and_timeout(lm_art, tmp_path):
-    with serve(lm_art, tmp_path / "cwd", "--api-key", KEY, "--max-body-bytes", "4096", "--timeout", "0.1",
-               "--max-tokens-limit", "240", "--max-batch", "64") as server:
-        listening = [c.laddr for c in psutil.Process(server.pid).net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN]
+    with serve(
+        lm_art,
+        tmp_path / "cwd",
+        "--api-key",
+        KEY,
+        "--max-body-bytes",
+        "4096",
+        "--timeout",
+        "0.1",
+        "--max-tokens-limit",
+        "240",
+        "--max-batch",
+        "64",
+    ) as server:
+        listening = [
+            c.laddr
+            for c in psutil.Process(server.pid).net_connections("inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
         url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
         body = {"prompt": "To be", "max_tokens": 2}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                        {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"bearer {KEY}"}):
-            for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics"),
-                                 ("GET", "/health")):
-                r = httpx.request(method, url + path, json=body if method == "POST" else None,
-                                  headers=headers, timeout=10)
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"Authorization": f"Bearer {KEY[:-1]}"},
+            {"Authorization": f"bearer {KEY}"},
+        ):
+            for method, path in (
+                ("POST", "/v1/completions"),
+                ("GET", "/v1/models"),
+                ("GET", "/metrics"),
+                ("GET", "/health"),
+            ):
+                r = httpx.request(
+                    method, url + path, json=body if method == "POST" else None, headers=headers, timeout=10
+                )
                 assert r.status_code == 401 and no_trace(r)["code"] == "invalid_api_key", (headers, path)
                 assert r.headers["www-authenticate"] == "Bearer"
 
@@ -52,8 +77,12 @@ def test_live_server_binds_loopback_enforces_key_body_limit_and_timeout(lm_art, 
         big = {"prompt": "x" * 5000}
         r = httpx.post(f"{url}/v1/completions", json=big, headers=auth, timeout=10)
         assert r.status_code == 413 and no_trace(r)["code"] == "request_too_large"
-        raw = httpx.Request("POST", f"{url}/v1/completions", headers=auth,
-                            content=iter([b'{"prompt": "', b"x" * 3000, b"x" * 3000, b'"}']))
+        raw = httpx.Request(
+            "POST",
+            f"{url}/v1/completions",
+            headers=auth,
+            content=iter([b'{"prompt": "', b"x" * 3000, b"x" * 3000, b'"}']),
+        )
         with httpx.Client(timeout=10) as client:
             r = client.send(raw)  # chunked: no Content-Length to trust
         assert r.status_code == 413 and no_trace(r)["code"] == "request_too_large"

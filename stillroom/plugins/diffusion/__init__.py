@@ -18,7 +18,7 @@ def register_families(register):
 @hookimpl
 def register_metrics(register):
     def fid_like(*args, **kwargs):
-        """FID-like, class accuracy, diversity and recall of MNIST-scale images (``metrics.evaluate_images``)."""
+        """FID-like, class accuracy, diversity and recall of MNIST-scale images (``evaluate_images``)."""
         from stillroom.plugins.diffusion.metrics import evaluate_images
 
         return evaluate_images(*args, **kwargs)
