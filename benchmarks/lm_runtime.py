@@ -1,4 +1,4 @@
-"""LM inference on CPU: PyTorch eager vs FastLM (fp32, MatMulNBits int8/int4) vs onnxruntime-genai.
+"""LM inference on CPU: PyTorch eager vs the stillroom engine (fp32, MatMulNBits int8/int4) vs ORT-genai.
 
 One run, one table. Every engine decodes greedy on the same weights with the same thread count:
 
@@ -66,8 +66,8 @@ def build_smollm_shaped(out: Path) -> Path:
 
 def build_graphs(model, out: Path, schemes=("int8", "int4")) -> dict[str, Path]:
     """fp32 fused graph plus its weight-only variants (validated in tests; measured here)."""
-    from stillroom.core import onnx_variants
     from stillroom.plugins.lm.export import fused_graph
+    from stillroom.plugins.lm.export.weight_only import quantize_weight_only
 
     out.mkdir(parents=True, exist_ok=True)
     graphs = {"fp32": out / "fp32.onnx"}
@@ -76,7 +76,7 @@ def build_graphs(model, out: Path, schemes=("int8", "int4")) -> dict[str, Path]:
     for scheme in schemes:
         graphs[scheme] = out / f"{scheme}.onnx"
         if not graphs[scheme].is_file():
-            onnx_variants.quantize_weight_only(graphs["fp32"], graphs[scheme], scheme)
+            quantize_weight_only(graphs["fp32"], graphs[scheme], scheme)
     return graphs
 
 
@@ -115,19 +115,25 @@ class TorchEngine:
         return torch.cat(tokens, 1).numpy(), first - start, end - first
 
 
+def greedy(lm, prompts: np.ndarray, new: int):
+    """The decode loop every stillroom caller uses, greedy, stop tokens ignored."""
+    from stillroom.plugins.lm.decode_loop import Generation
+    from stillroom.plugins.lm.sampling import SamplingParams
+
+    params = [SamplingParams(max_tokens=new, ignore_eos=True)] * prompts.shape[0]
+    return Generation(lm, prompts.tolist(), params, pad_id=0).run()
+
+
 class FastEngine:
     def __init__(self, graph: Path, threads: int, spin: bool) -> None:
-        from stillroom.plugins.lm.engine import FastLM
+        from stillroom.core.ort_session import SessionOptions
+        from stillroom.plugins.lm.engine import open_engine
 
-        self.lm = FastLM(graph, threads=threads, spin=spin)
+        self.lm = open_engine(graph, "fused", SessionOptions.decode(threads=threads, spin=spin))
 
     def run(self, prompts: np.ndarray, new: int):
-        start = time.perf_counter()
-        steps, first = [], None
-        for tokens in self.lm.generate(prompts.tolist(), new):
-            first = first or time.perf_counter()
-            steps.append(tokens)
-        return np.stack(steps, 1), first - start, time.perf_counter() - first
+        gen = greedy(self.lm, prompts, new)
+        return np.asarray(gen.outputs), gen.ttft_s, gen.total_s - gen.ttft_s
 
 
 class GenaiEngine:
@@ -216,8 +222,10 @@ def quality_rows(
     model, tokenizer, graphs: dict[str, Path], threads: int, n_prompts: int = 64
 ) -> dict[str, dict]:
     """Greedy agreement with PyTorch fp32 (64-token continuations) and held-out perplexity per variant."""
-    from stillroom.plugins.lm.engine import FastLM
-    from stillroom.plugins.lm.export.validation import BLOCK, heldout_text, torch_greedy, torch_logits
+    from stillroom.core.ort_session import SessionOptions
+    from stillroom.data import heldout_text
+    from stillroom.plugins.lm.engine import open_engine
+    from stillroom.plugins.lm.export.validation import BLOCK, torch_greedy, torch_logits
 
     text = heldout_text()
     lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6]
@@ -236,9 +244,9 @@ def quality_rows(
     base = ppl(ref_logits)
     rows = {"pytorch eager fp32": {"agree": 1.0, "top-1 forced": 1.0, "perplexity": base, "ppl delta": 0.0}}
     for name, graph in graphs.items():
-        lm = FastLM(graph, threads=threads)
-        got = np.stack(list(lm.generate(prompts.tolist(), NEW)), 1)
-        logits = lm.logits(ids)
+        lm = open_engine(graph, "fused", SessionOptions.decode(threads=threads))
+        got = np.asarray(greedy(lm, prompts, NEW).outputs)
+        logits = lm.full_logits(ids)
         value = ppl(logits)
         rows[f"stillroom {name}"] = {
             "agree": float((got == ref).mean()),

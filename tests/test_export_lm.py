@@ -32,6 +32,7 @@ def llama_artifact(llama_dir, tmp_path_factory) -> artifact.Artifact:
 def test_llama_artifact_is_validated_and_named_like_optimum(llama_artifact):
     m = llama_artifact.manifest
     assert m.kind == "causal-lm" and m.format == "onnx" and m.exporter == "dynamo" and m.precision == "fp32"
+    assert m.variant == "kv-cache" and m.validation["chunked_prefill_checked"] == "all batch sizes"
     names = [i.name for i in m.inputs]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
@@ -89,6 +90,22 @@ def test_prefill_with_empty_cache_matches_float64_reference(llama_artifact, llam
     valid = mask[:, :5].astype(bool)
     np.testing.assert_allclose(logits[valid], ref[:, :5][valid], atol=1e-4)
     np.testing.assert_allclose(last[:, 0], ref[:, 5], atol=1e-4)
+
+
+def test_validation_through_the_engine_fails_a_graph_that_computes_something_else(llama_artifact, llama_dir):
+    """The checks can fail: the shipped graph against a model whose final norm was nudged by 1%."""
+    from stillroom.core.ort_session import SessionOptions
+    from stillroom.plugins.lm.engine import open_engine
+    from stillroom.plugins.lm.export import validation
+    from stillroom.plugins.lm.export.onnx_artifact import load_lm
+
+    model, tokenizer = load_lm(llama_dir)
+    lm = open_engine(llama_artifact.graph(), "kv-cache", SessionOptions.checks())
+    assert validation.validate(model, lm, tokenizer)["passed"]
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.01)
+    result = validation.validate(model, lm, tokenizer)
+    assert not result["logits_ok"] and not result["passed"] and result["max_abs_diff"] > result["tolerance"]
 
 
 def test_tampered_or_missing_file_is_refused(llama_artifact, tmp_path):

@@ -9,6 +9,7 @@ An artifact is a directory of model files plus ``manifest.json``::
      "sampler": {"steps", "timesteps", "guidance", ...} | null,       # samplers that unroll steps
      "tokenizer": "tokenizer" | null,                                 # a folder inside the artifact
      "format": "onnx" | "tensorrt", "exporter": "dynamo" | "torchscript" | ...,
+     "variant": "" | NAME,                      # which graph the exporter built (the family's names)
      "precision": "fp32" | "fp16" | "int8", "source": {...}, "versions": {...},
      "validation": {"passed": true, "max_abs_diff", "tolerance", ...}, "extra": {...}}
 
@@ -54,6 +55,7 @@ class Manifest(_Strict):
     kind: str = Field(min_length=1)  # a registered family's ``kind``; runtimes find the family by it
     format: str = "onnx"
     exporter: str = ""
+    variant: str = ""  # the exporter's name for the graph it built; runtimes choose their path from it
     precision: str = "fp32"
     files: list[FileEntry] = Field(default_factory=list)
     graphs: dict[str, str] = Field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions: provider choice, the active-provider check and thread counts.
+"""ONNX Runtime sessions: the one opener (``open_session``), provider choice, the active-provider
+check and thread counts.
 
 ORT takes a provider list in priority order and silently drops any provider it cannot start
 (missing CUDA libraries, a build without TensorRT), running on CPU instead. A benchmark or server
@@ -32,7 +33,12 @@ GPU_PROVIDERS = ("tensorrt", "cuda")
 
 @dataclass
 class SessionOptions:
-    """How to open a session; ``provider`` is "auto", "tensorrt", "cuda" or "cpu"."""
+    """How to open a session; ``provider`` is "auto", "tensorrt", "cuda" or "cpu".
+
+    Two presets name the settings callers chose by measurement: ``decode`` (token-by-token
+    generation, where a step is hundreds of tiny operators) and ``checks`` (export validation on a
+    shared machine).
+    """
 
     provider: str = "auto"
     allow_fallback: bool = False
@@ -40,6 +46,36 @@ class SessionOptions:
     inter_op_threads: int | None = None
     device_id: int = 0
     spin: bool | None = None  # None: decided by ``spin_waiting``
+
+    @classmethod
+    def decode(
+        cls,
+        provider: str = "cpu",
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+        **rest: Any,
+    ) -> SessionOptions:
+        """The decode settings of ``benchmarks/lm_runtime.py``: intra-op threads = ``threads``, else
+        OMP_NUM_THREADS, else every core this process may use; one inter-op thread (the graph runs
+        sequentially, a second pool would only wait); spinning as ``spin_waiting`` decides."""
+        return cls(
+            provider=provider,
+            intra_op_threads=threads or omp_threads() or physical_cores(),
+            inter_op_threads=inter_op_threads or 1,
+            **rest,
+        )
+
+    @classmethod
+    def checks(cls) -> SessionOptions:
+        """Export validation: CPU (the reference every artifact must pass), OMP_NUM_THREADS respected so
+        an export on a shared machine takes the cores it was given, not all of them."""
+        threads = omp_threads()
+        return cls(provider="cpu", intra_op_threads=threads, inter_op_threads=1 if threads else None)
+
+
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS as a number (None when unset or 0)."""
+    return int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
 
 
 def physical_cores() -> int:
@@ -96,12 +132,17 @@ def _provider_options(name: str, opts: SessionOptions) -> dict[str, str]:
 
 
 def open_session(path: Path, opts: SessionOptions):
-    """An ``InferenceSession`` and the short name of the provider that really runs it."""
+    """An ``InferenceSession`` and the short name of the provider that really runs it.
+
+    The only place that constructs an ``InferenceSession``: every caller gets the same strict
+    provider check and the same thread and spin settings.
+    """
     import onnxruntime as ort
 
     chain = provider_chain(opts.provider, ort.get_available_providers(), opts.allow_fallback)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # ORT's default, stated: inter-op 1 relies on it
     if opts.intra_op_threads:
         so.intra_op_num_threads = int(opts.intra_op_threads)
     if opts.inter_op_threads:
@@ -138,20 +179,8 @@ ORT_TYPES = {
 }
 
 
-def session(path: Path, providers: list[str] | None = None):
-    """An InferenceSession with a thread count that respects OMP_NUM_THREADS (shared machines)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
-
-
 def input_dtypes(sess) -> dict[str, Any]:
+    """numpy dtype of every graph input (float32 where ORT's type has no entry in ``ORT_TYPES``)."""
     return {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
 
 

@@ -257,7 +257,7 @@ def compare_with_ort(
 ) -> dict[str, Any]:
     from stillroom.core import ort_session
 
-    sess = ort_session.session(graph)
+    sess, _ = ort_session.open_session(graph, ort_session.SessionOptions.checks())
     names = [o.name for o in sess.get_outputs()]
     vocab = (onnx_art.manifest.extra.get("cache") or {}).get("vocab_size")
     rng = np.random.default_rng(0)

@@ -157,7 +157,11 @@ def export_and_validate(
     exported = onnx_export.export_module(
         module, args, path, names, [output], dynamic, opset=opset, optimize=False
     )
-    result = export_validation.compare(torch_reference(module, names), ort_session.session(path), make)
+    result = export_validation.compare(
+        torch_reference(module, names),
+        ort_session.open_session(path, ort_session.SessionOptions.checks())[0],
+        make,
+    )
     result["exporter"] = exported.exporter
     log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
     if not result["passed"]:
@@ -198,7 +202,10 @@ def export_generator_module(
             variant = staging.stage_dir(tmp, precision) / staging.GRAPH
             (onnx_variants.quantize_int8 if int8 else onnx_variants.convert_fp16)(graph, variant)
             result = export_validation.compare(
-                torch_reference(module, names), ort_session.session(variant), make, precision
+                torch_reference(module, names),
+                ort_session.open_session(variant, ort_session.SessionOptions.checks())[0],
+                make,
+                precision,
             )
             log.info("%s generator graph: %s", precision, result)
             if not result["passed"]:

@@ -1,9 +1,16 @@
-"""The LM generation loop shared by every runtime: prefill once, then decode with a KV cache.
+"""The one LM generation loop: prefill once, then decode with a KV cache, on every runtime.
+
+Bench, the server, export validation (greedy against PyTorch) and the demo all generate through
+``Generation``; a backend only turns ids into logits (the ONNX Runtime engine,
+``stillroom.plugins.lm.engine``, the torch and TensorRT backends of ``runtime``), so stopping,
+sampling, padding and timing behave the same whichever runtime is measured.
 
 A batch of prompts is left-padded to a common length so the newest token of every row sits in the
 last column. ``attention_mask`` marks real tokens (1) and padding (0); position ids count real tokens
 only (``cumsum(mask) - 1``), so a padded row is computed exactly as it would be alone. After the
 prefill each step feeds one token per row, appends a 1 to the mask and advances each row's position.
+The mask is allocated once at its final width and handed to the backend as a growing view, and the
+backend is told that width (``new_cache(batch, capacity)``) so it can preallocate the cache.
 
 The loop only sees a backend (``LMBackend``) that turns ids + mask + positions + cache into the last
 position's logits and the next cache; what the cache *is* (numpy arrays, device buffers bound with
@@ -122,11 +129,14 @@ class Generation:
 
     def __iter__(self) -> Iterator[StepEvent]:
         start = time.perf_counter()
-        ids, mask = left_pad(self.prompts, self.pad_id)
-        capacity = ids.shape[1] + max(p.max_tokens for p in self.params)
-        cache = self.backend.new_cache(len(self.prompts), capacity)
-        logits, cache = self.backend.forward(ids, mask, prefill_positions(mask), cache)
-        positions = mask.sum(axis=1, keepdims=True).astype(np.int64)
+        ids, prompt_mask = left_pad(self.prompts, self.pad_id)
+        batch, length = ids.shape
+        capacity = length + max(p.max_tokens for p in self.params)
+        mask = np.zeros((batch, capacity), dtype=np.int64)  # one more column per step, never reallocated
+        mask[:, :length] = prompt_mask
+        cache = self.backend.new_cache(batch, capacity)
+        logits, cache = self.backend.forward(ids, prompt_mask, prefill_positions(prompt_mask), cache)
+        positions = prompt_mask.sum(axis=1, keepdims=True)
         step = 0
         while True:
             event = self._pick(logits, step)
@@ -138,8 +148,9 @@ class Generation:
                 break
             step += 1
             feed = np.array([[t if t is not None else self.pad_id] for t in event.tokens], dtype=np.int64)
-            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-            logits, cache = self.backend.forward(feed, mask, positions, cache)
+            mask[:, length] = 1
+            length += 1
+            logits, cache = self.backend.forward(feed, mask[:, :length], positions, cache)
             positions = positions + 1
         for row in self._cancelled:
             if self.finish_reasons[row] is None:

@@ -1,169 +1,142 @@
-"""A fast generation engine for causal-LM ONNX artifacts on ONNX Runtime (batch 1 to a few rows).
+"""The LM inference engine: runs a causal-LM ONNX graph with its KV cache on ONNX Runtime.
 
-At batch 1 a decode step reads every weight once; the runtime's job is to add nothing on top of that.
-What this engine does, each kept because it was measured to pay (``benchmarks/lm_runtime.py``):
+This module is the one place that steps a KV-cache graph (feeds ``present`` back as
+``past_key_values``) and the one place that knows which graphs the exporter builds (``VARIANTS``).
+It is an ``LMBackend`` (``new_cache`` / ``forward`` / ``full_logits``): the tokens are chosen by the
+one decode loop (``stillroom.plugins.lm.decode_loop.Generation``) that bench, server, export
+validation and demo all drive, and sessions come from the one opener
+(``stillroom.core.ort_session.open_session``). The loop stays a separate module because it also
+drives the torch and TensorRT backends; the engine knows nothing about sampling or stopping.
+
+At batch 1 a decode step reads every weight once; the engine's job is to add nothing on top of that.
+What it does, each kept because it was measured to pay (``benchmarks/lm_runtime.py``):
 
 - **The cache stays in ORT memory.** Each step's ``present.*`` outputs stay ORT-owned ``OrtValue``s
   and are fed back as the next step's ``past_key_values.*``; Python never converts the cache to numpy
   and never concatenates it. On GPU providers the cache is bound on the device with IOBinding.
-- **Past and present share one buffer** (CPU, fused graphs). When the caller knows the total length
-  (``generate``, the serve loop), the cache is preallocated at that capacity and bound with IOBinding
-  as both ``past_key_values.*`` and ``present.*``; GroupQueryAttention then appends each new token in
-  place instead of copying the whole past into a new present every step. Measured
-  (SmolLM2-135M-shaped model of ``benchmarks/lm_runtime.py``, fp32, 2 threads): +4% tokens/s after a 16-token
-  prompt, +23% after a 1024-token one. The prefill still runs unshared (IOBinding cannot bind the
-  optional ``logits_to_keep`` input) and its cache is copied in once.
-- **Fused graph.** ``stillroom.plugins.lm.export.fused_graph`` writes Llama-family decoders with ORT's fused
-  operators (~6 nodes per layer instead of ~70); the engine runs any graph with Optimum's names.
-- **Last-position logits.** Graphs exported with ``logits_to_keep`` (``stillroom.plugins.lm.export.graph_edits``)
-  are asked for the last position only, in prefill and decode, so the vocabulary projection runs once
-  per row per step; graphs without that input still work (the last row is sliced afterwards).
-- **Sampling on one row of logits.** Greedy is an argmax over [B, V]. Top-p needs only the nucleus:
-  candidates come from ``argpartition`` (O(V)), and only if their mass falls short of p is the
-  candidate set widened, so the full vocabulary is sorted at most once and usually never. The
-  distribution is the nucleus of "The Curious Case of Neural Text Degeneration" (Holtzman et al.
-  2020), exactly as ``stillroom.plugins.lm.sampling.nucleus_probs`` defines it::
+- **Past and present share one buffer** (CPU, graph variants with ``shares_kv``). When the caller
+  knows the total length (the decode loop passes it as the capacity hint), the cache is preallocated
+  at that capacity and bound with IOBinding as both ``past_key_values.*`` and ``present.*``;
+  GroupQueryAttention then appends each new token in place instead of copying the whole past into a
+  new present every step. Measured (SmolLM2-135M-shaped model of ``benchmarks/lm_runtime.py``, fp32,
+  2 threads): +4% tokens/s after a 16-token prompt, +23% after a 1024-token one. The prefill still
+  runs unshared (IOBinding cannot bind the optional ``logits_to_keep`` input) and its cache is copied
+  in once.
+- **Fused graph.** ``stillroom.plugins.lm.export.fused_graph`` writes Llama-family decoders with ORT's
+  fused operators (~6 nodes per layer instead of ~70); the engine runs any graph with Optimum's names.
+- **Last-position logits.** Variants with ``last_logits`` (``stillroom.plugins.lm.export.graph_edits``,
+  and the fused graph) are asked for the last position only, in prefill and decode, so the vocabulary
+  projection runs once per row per step; other graphs compute every position and the last is sliced.
+- **Session options chosen by measurement:** ``SessionOptions.decode`` (sequential execution, one
+  inter-op thread, intra-op threads = the cores given; idle threads spin only when the cores are free,
+  ``stillroom.core.ort_session.spin_waiting``: +13% on a quiet machine, -43% on a loaded one).
 
-      V_p = argmin |V'|  s.t.  sum_{x in V'} softmax(z / T)_x >= p,     sample from P restricted to V_p
-
-- **Session options chosen by measurement:** all graph optimisations, sequential execution, one
-  inter-op thread, intra-op threads = the cores given (``threads``); idle intra-op threads spin only
-  when the cores are free (``stillroom.core.ort.spin_waiting``: +13% on a quiet machine,
-  -43% on a loaded one).
-
-Batches are left-padded: padding has ``attention_mask`` 0 and every row's newest token sits in the
-last column, so one decode step serves all rows; position ids count real tokens only.
-
-The engine also is an ``LMBackend`` (``new_cache`` / ``forward`` / ``full_logits``) so the serve
-generation loop (``stillroom.plugins.lm.decode_loop.Generation``) can drive it unchanged.
+What a graph supports is never guessed from the graph itself: the exporter writes the variant's name
+into the manifest (``Manifest.variant``) and ``variant_of`` reads it back.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
-from stillroom.core.ort_session import physical_cores, spin_waiting
-
-log = logging.getLogger(__name__)
+from stillroom.core.ort_session import GPU_PROVIDERS, PROVIDERS, SessionOptions, open_session
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-# graphs whose attention op (GroupQueryAttention) appends in place when past and present share memory
-SHARED_KV_PRODUCERS = ("stillroom.lm_fused",)
 LOGITS_TO_KEEP = "logits_to_keep"
-FINISHED = -1  # token id reported for rows that have already stopped
+
+# -- graph variants ------------------------------------------------------------------------------
+Variant = Literal["kv-cache", "kv-cache-last-logits", "fused"]
 
 
-# -- sampling on the last position's logits ------------------------------------------------------
-def nucleus_candidates(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, probabilities) of the top-p nucleus of softmax(logits / T), probabilities renormalised.
+@dataclass(frozen=True)
+class GraphVariant:
+    """What one kind of exported graph supports; the engine and export validation act on these."""
 
-    Candidates are the k largest logits (``argpartition``); the nucleus is inside them once their
-    softmax mass (computed over the whole row) reaches p; otherwise k grows fourfold.
-    """
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    p = np.exp(z)
-    p /= p.sum()
-    if top_p >= 1.0:
-        return np.arange(p.shape[0]), p
-    vocab, k = p.shape[0], 64
-    while True:
-        k = min(k, vocab)
-        top = np.argpartition(-p, k - 1)[:k] if k < vocab else np.arange(vocab)
-        order = top[np.argsort(-p[top], kind="stable")]
-        cumulative = np.cumsum(p[order])
-        if cumulative[-1] >= top_p or k == vocab:
-            keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
-            ids = order[: min(keep, k)]
-            probs = p[ids]
-            return ids, probs / probs.sum()
-        k *= 4
+    last_logits: bool  # has the optional ``logits_to_keep`` input (ask for the last position only)
+    shares_kv: bool  # attention appends in place when past and present share one buffer (GQA, CPU)
+    chunked_prefill: bool  # runs a multi-token chunk on top of a cache at batch > 1 (GQA refuses)
 
 
-def sample_rows(
-    logits: np.ndarray, temperature: float, top_p: float, rngs: Sequence[np.random.Generator]
-) -> np.ndarray:
-    """Next token per row of ``logits`` [B, V]: argmax when T = 0, else a nucleus draw."""
-    if temperature == 0.0:
-        return logits.argmax(-1).astype(np.int64)
-    out = np.empty(logits.shape[0], np.int64)
-    for row in range(logits.shape[0]):
-        ids, probs = nucleus_candidates(logits[row], temperature, top_p)
-        cdf = np.cumsum(probs)
-        out[row] = ids[
-            min(int(np.searchsorted(cdf, rngs[row].random() * cdf[-1], side="right")), len(ids) - 1)
-        ]
-    return out
+VARIANTS: dict[Variant, GraphVariant] = {
+    "kv-cache": GraphVariant(last_logits=False, shares_kv=False, chunked_prefill=True),
+    "kv-cache-last-logits": GraphVariant(last_logits=True, shares_kv=False, chunked_prefill=True),
+    "fused": GraphVariant(last_logits=True, shares_kv=True, chunked_prefill=False),
+}
 
 
-# -- session ------------------------------------------------------------------------------------
-def open_fast_session(
-    graph: Path,
-    threads: int | None = None,
-    provider: str = "cpu",
-    device_id: int = 0,
-    spin: bool | None = None,
-):
-    """An InferenceSession with the options the benchmark chose for decode (see module docstring)."""
-    import onnxruntime as ort
+def exported_variant(fused: bool, last_logits: bool) -> Variant:
+    """The variant ``export_causal_lm`` builds for its options."""
+    return "fused" if fused else "kv-cache-last-logits" if last_logits else "kv-cache"
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = int(
-        threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or physical_cores()
+
+def variant_of(manifest: artifacts.Manifest) -> Variant:
+    """The manifest's graph variant, checked. Manifests written before ``variant`` existed said it in
+    ``extra`` (``fused``, and ``logits`` naming ``logits_to_keep``)."""
+    name = manifest.variant
+    if not name:
+        extra = manifest.extra
+        name = exported_variant(bool(extra.get("fused")), LOGITS_TO_KEEP in str(extra.get("logits", "")))
+    if name not in VARIANTS:
+        raise StillroomError(
+            f"the manifest names graph variant '{name}', which this stillroom does not know "
+            f"(known: {', '.join(VARIANTS)})",
+            "upgrade stillroom, or re-export the artifact with this version",
+        )
+    return name
+
+
+def cache_names(input_names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(``past_key_values.{i}.key/.value`` inputs, their ``present.*`` outputs), layer by layer."""
+    past = sorted((int(m.group(1)), m.group(2) != "key", n) for n in input_names if (m := _PAST.match(n)))
+    names = [name for *_, name in past]
+    return names, [n.replace("past_key_values.", "present.") for n in names]
+
+
+# -- opening ---------------------------------------------------------------------------------------
+def open_engine(
+    target: Any,
+    variant: Variant | None = None,
+    options: SessionOptions | None = None,
+) -> FastLM:
+    """The engine on an ONNX causal-LM artifact (an ``Artifact`` or its directory; the manifest names
+    the variant and the cache geometry) or on a bare ``.onnx`` graph, for which ``variant`` says what
+    it is. ``options`` defaults to ``SessionOptions.decode()`` (CPU)."""
+    options = options or SessionOptions.decode()
+    cache: dict[str, Any] = {}
+    path = None if isinstance(target, artifacts.Artifact) else Path(target)
+    if path is not None and path.suffix == ".onnx" and path.is_file():
+        if variant is None:
+            raise StillroomError(
+                f"'{path}' is a bare graph: no manifest says which variant it is",
+                f"pass variant= ({', '.join(VARIANTS)}), or open its artifact directory",
+            )
+        graph = path
+    else:
+        art = target if path is None else artifacts.load(path)
+        if art.kind != "causal-lm" or art.manifest.format != "onnx":
+            raise StillroomError(
+                f"'{art.root}' is a {art.manifest.format} {art.kind} artifact, not an ONNX causal LM",
+                "export the LM with `stillroom export` (onnx)",
+            )
+        variant, graph = variant_of(art.manifest), art.graph("model")
+        cache = art.manifest.extra.get("cache") or {}
+    session, _ = open_session(graph, options)
+    return FastLM(
+        session,
+        variant,
+        device_id=options.device_id,
+        kv_heads=cache.get("kv_heads"),
+        head_dim=cache.get("head_dim"),
     )
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    spinning = spin_waiting(spin, so.intra_op_num_threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if provider == "cpu":
-        providers: list[Any] = ["CPUExecutionProvider"]
-    elif provider in _GPU:
-        providers = [(_GPU[provider], {"device_id": str(device_id)}), "CPUExecutionProvider"]
-    else:
-        raise StillroomError(f"unknown provider '{provider}' for FastLM", "use cpu, cuda or tensorrt")
-    try:
-        session = ort.InferenceSession(str(graph), sess_options=so, providers=providers)
-    except Exception as err:  # ORT's own exception types for unsupported or corrupt graphs
-        raise StillroomError(
-            f"onnxruntime cannot load '{graph}': {' '.join(str(err).split())[:300]}",
-            "re-run the export, or check the onnxruntime version",
-        ) from err
-    if provider in _GPU and session.get_providers()[0] != _GPU[provider]:
-        raise StillroomError(
-            f"onnxruntime could not start '{provider}' for '{graph}'", "check the GPU installation or use cpu"
-        )
-    return session
-
-
-def _graph_path(artifact_or_path: Any) -> Path:
-    from stillroom.core import artifact as artifacts
-
-    if isinstance(artifact_or_path, artifacts.Artifact):
-        art = artifact_or_path
-    else:
-        path = Path(artifact_or_path)
-        if path.suffix == ".onnx" and path.is_file():
-            return path
-        art = artifacts.load(path)
-    if art.kind != "causal-lm" or art.manifest.format != "onnx":
-        raise StillroomError(
-            f"'{art.root}' is a {art.manifest.format} {art.kind} artifact, not an ONNX causal LM",
-            "export the LM with `stillroom export` (onnx)",
-        )
-    return art.graph("model")
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -183,25 +156,22 @@ class FastCache:
 
 
 class FastLM:
-    """``FastLM(artifact_or_path, threads=None, provider="cpu", spin=None)``: see the module docstring."""
+    """The engine over an open session of a ``variant`` graph (``open_engine`` opens one)."""
 
     def __init__(
         self,
-        artifact_or_path: Any = None,
-        threads: int | None = None,
-        provider: str = "cpu",
+        session,
+        variant: Variant,
         *,
-        session=None,
         device_id: int = 0,
         kv_heads: int | None = None,
         head_dim: int | None = None,
-        spin: bool | None = None,
     ) -> None:
-        if session is None:
-            session = open_fast_session(_graph_path(artifact_or_path), threads, provider, device_id, spin)
-        self.session = session
-        active = session.get_providers()[0]
-        self.device = "cuda" if active in _GPU.values() else "cpu"
+        import onnxruntime as ort
+
+        self.session, self.variant = session, VARIANTS[variant]
+        self.provider = next(k for k, v in PROVIDERS.items() if v == session.get_providers()[0])
+        self.device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
         self.device_id = device_id
         inputs = {i.name: i for i in session.get_inputs()}
         overridable = {i.name for i in session.get_overridable_initializers()}
@@ -209,10 +179,13 @@ class FastLM:
             if required not in inputs:
                 raise StillroomError(f"the LM graph has no '{required}' input", "re-export the causal LM")
         self.has_positions = "position_ids" in inputs
-        self.has_keep = LOGITS_TO_KEEP in inputs or LOGITS_TO_KEEP in overridable
-        past = sorted((int(m.group(1)), m.group(2) != "key", n) for n in inputs if (m := _PAST.match(n)))
-        self.past_names = [name for *_, name in past]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.has_keep = self.variant.last_logits
+        if self.has_keep and LOGITS_TO_KEEP not in inputs and LOGITS_TO_KEEP not in overridable:
+            raise StillroomError(
+                f"the manifest says '{variant}' but the graph has no '{LOGITS_TO_KEEP}' input",
+                "re-export the causal LM",
+            )
+        self.past_names, self.present_names = cache_names(inputs)
         missing = {"logits", *self.present_names} - {o.name for o in session.get_outputs()}
         if missing:
             raise StillroomError(f"the LM graph lacks outputs {sorted(missing)}", "re-export with a KV cache")
@@ -222,23 +195,16 @@ class FastLM:
         self.head_dim = head_dim or (first.shape[3] if first is not None else 0)
         if not all(isinstance(d, int) for d in (self.kv_heads, self.head_dim)):
             raise StillroomError("the LM graph's cache shape has symbolic heads", "re-export the causal LM")
-        import onnxruntime as ort
-
         self._ort = ort
         self._outputs = ["logits", *self.present_names]
         self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         self._keep_all = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64))
-        self.shares_kv = (
-            self.device == "cpu"
-            and self.has_positions
-            and session.get_modelmeta().producer_name in SHARED_KV_PRODUCERS
-        )
+        self.shares_kv = self.device == "cpu" and self.variant.shares_kv and self.has_positions
 
     # -- LMBackend ------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> FastCache:
         """An empty cache; with ``capacity`` (total positions) a shared one where the graph allows it."""
-        import onnxruntime as ort
-
+        ort = self._ort
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         device = (self.device, self.device_id) if self.device != "cpu" else ("cpu", 0)
         cache = FastCache([ort.OrtValue.ortvalue_from_numpy(empty, *device) for _ in self.past_names])
@@ -253,6 +219,28 @@ class FastLM:
                 cache.binding.bind_ortvalue_output(present, value)
         return cache
 
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: FastCache
+    ) -> tuple[np.ndarray, FastCache]:
+        """Last position's logits [B, V] (float32) and the cache after ``input_ids``."""
+        logits, cache = self._run(input_ids, attention_mask, position_ids, cache, last_only=True)
+        return np.asarray(logits[:, -1], dtype=np.float32), cache
+
+    def chunk_logits(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: FastCache
+    ) -> tuple[np.ndarray, FastCache]:
+        """Logits [B, S, V] (float32) at every position of ``input_ids`` [B, S] after ``cache``, and the
+        cache after them (export validation checks prefill, chunk-on-cache and decode with it)."""
+        logits, cache = self._run(input_ids, attention_mask, position_ids, cache, last_only=False)
+        return np.asarray(logits, dtype=np.float32), cache
+
+    def full_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [B, L, V] at every position of equal-length, unpadded ``input_ids`` (quality metrics)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+        return self.chunk_logits(ids, np.ones_like(ids), positions, self.new_cache(ids.shape[0]))[0]
+
+    # -- one step ---------------------------------------------------------------------------------
     def _run(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: FastCache, last_only: bool
     ) -> tuple[np.ndarray, FastCache]:
@@ -302,7 +290,7 @@ class FastLM:
         """GPU providers: IOBinding, cache bound on the device, logits bound to host memory.
 
         IOBinding cannot bind the overridable ``logits_to_keep`` initializer, so on a GPU the graph
-        computes every position's logits (the default) and the loop slices the last one.
+        computes every position's logits (the default) and ``forward`` slices the last one.
         """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
@@ -317,67 +305,3 @@ class FastLM:
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), FastCache(present)
-
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: FastCache
-    ) -> tuple[np.ndarray, FastCache]:
-        """Last position's logits [B, V] (float32) and the cache after ``input_ids``."""
-        logits, cache = self._run(input_ids, attention_mask, position_ids, cache, last_only=True)
-        return np.asarray(logits[:, -1], dtype=np.float32), cache
-
-    def full_logits(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        mask = np.ones_like(ids)
-        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        logits, _ = self._run(ids, mask, positions, self.new_cache(ids.shape[0]), last_only=False)
-        return np.asarray(logits, dtype=np.float32)
-
-    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
-        """Logits [B, L, V] at every position of equal-length, unpadded ``input_ids`` (quality metrics)."""
-        return self.full_logits(np.asarray(input_ids, dtype=np.int64))
-
-    # -- generation -----------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts_token_ids: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop_ids: Sequence[int] = (),
-        seed: int | None = None,
-        pad_id: int = 0,
-    ) -> Iterator[np.ndarray]:
-        """Yields one int64 array [B] per step: each row's new token, or ``FINISHED`` (-1) once stopped.
-
-        A row stops after a token in ``stop_ids`` (which is yielded) or after ``max_new_tokens``.
-        """
-        if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
-            raise StillroomError("every prompt needs at least one token", "give non-empty prompts")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise StillroomError("temperature must be >= 0 and top_p in (0, 1]", "fix the sampling params")
-        batch, width = len(prompts_token_ids), max(len(p) for p in prompts_token_ids)
-        total = width + max_new_tokens
-        ids = np.full((batch, width), pad_id, np.int64)
-        mask = np.zeros((batch, total), np.int64)  # grows by one column per step, without reallocating
-        for row, prompt in enumerate(prompts_token_ids):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) : width] = 1
-        positions = np.clip(np.cumsum(mask[:, :width], axis=1) - 1, 0, None)
-        seeds = np.random.SeedSequence(seed).spawn(batch)
-        rngs = [np.random.default_rng(s) for s in seeds]
-        stops = np.asarray(sorted(set(stop_ids)), np.int64)
-        done = np.zeros(batch, bool)
-        logits, cache = self.forward(ids, mask[:, :width], positions, self.new_cache(batch, total))
-        next_pos = positions[:, -1:] + 1
-        for step in range(max_new_tokens):
-            tokens = sample_rows(logits, temperature, top_p, rngs)
-            tokens[done] = FINISHED
-            yield tokens
-            done |= np.isin(tokens, stops)
-            if done.all() or step == max_new_tokens - 1:
-                return
-            length = width + step + 1
-            mask[:, length - 1] = 1
-            feed = np.where(done, pad_id, tokens)[:, None]
-            logits, cache = self.forward(feed, mask[:, :length], next_pos, cache)
-            next_pos = next_pos + 1

@@ -7,7 +7,6 @@ and serve see the same object whichever runtime produced it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from stillroom.plugins.lm.sampling import SamplingParams
 if TYPE_CHECKING:
     from stillroom.core.tensorrt_engine import EngineRunner
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 
 
@@ -66,7 +64,7 @@ class LanguageModel:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Generation:
-        """A not-yet-started generation (iterate it to stream, or call ``.run()``)."""
+        """A not-yet-started generation (iterate it to stream, or run it to the end)."""
         return Generation(self.backend, prompts, params, self.pad_id)
 
     def full_logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -179,30 +177,29 @@ def load_onnxruntime(
     name: str | None = None,
 ) -> LanguageModel:
     """Opens an ONNX LM artifact (verified through its manifest) in the engine, on ``provider``."""
-    from stillroom.core.ort_session import GPU_PROVIDERS, SessionOptions, open_session
-    from stillroom.plugins.lm.engine import FastLM
+    from stillroom.core.ort_session import SessionOptions
+    from stillroom.plugins.lm.engine import open_engine, variant_of
 
     art = runtime.open_artifact(target, "onnx")
-    opts = SessionOptions(
-        provider=provider,
-        allow_fallback=allow_fallback,
-        intra_op_threads=intra_op_threads,
-        inter_op_threads=inter_op_threads,
+    opts = SessionOptions.decode(
+        provider, threads=intra_op_threads, inter_op_threads=inter_op_threads, allow_fallback=allow_fallback
     )
-    session, active = open_session(art.graph("model"), opts)
-    info = {"artifact": str(target), "precision": art.manifest.precision, "source": art.manifest.source}
-    cache = art.manifest.extra.get("cache", {})
-    backend = FastLM(
-        session=session,
-        device_id=opts.device_id,
-        kv_heads=cache.get("kv_heads"),
-        head_dim=cache.get("head_dim"),
-    )
-    info["context_length"] = _context_length(art.manifest.source)
-    device = "cuda" if active in GPU_PROVIDERS else "cpu"
-    label = name or Path(target).name
+    backend = open_engine(art, options=opts)
+    info = {
+        "artifact": str(target),
+        "precision": art.manifest.precision,
+        "variant": variant_of(art.manifest),
+        "source": art.manifest.source,
+        "context_length": _context_length(art.manifest.source),
+    }
     return LanguageModel(
-        label, "onnxruntime", backend, _tokenizer(art), device=device, provider=active, info=info
+        name or Path(target).name,
+        "onnxruntime",
+        backend,
+        _tokenizer(art),
+        device=backend.device,
+        provider=backend.provider,
+        info=info,
     )
 
 
@@ -211,12 +208,10 @@ class TrtCausalLM:
     """``LMBackend`` over a KV-cache engine; the cache is a list of CUDA tensors (present -> past)."""
 
     def __init__(self, runner: EngineRunner, extra: dict[str, Any]) -> None:
+        from stillroom.plugins.lm.engine import cache_names
+
         self.runner = runner
-        past = sorted(
-            (int(m.group(1)), m.group(2) != "key", n) for n in runner.inputs if (m := _PAST.match(n))
-        )
-        self.past_names = [n for _, _, n in past]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.past_names, self.present_names = cache_names(runner.inputs)
         cache = {**extra, **(extra.get("cache") or {})}
         self.kv_heads, self.head_dim = int(cache["kv_heads"]), int(cache["head_dim"])
         self.has_positions = "position_ids" in runner.inputs

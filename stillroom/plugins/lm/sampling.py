@@ -8,6 +8,12 @@ tokens V_p whose probabilities sum to at least p,
 
 renormalises P over V_p and samples from it. Probabilities are computed in float64 so that rows
 with large logits stay exact.
+
+Two implementations of the same distribution, on purpose: ``nucleus_candidates`` is what generation
+draws from and needs only the nucleus (candidates come from ``argpartition``, O(V); only if their
+mass falls short of p is the candidate set widened, so the vocabulary is sorted at most once and
+usually never); ``nucleus_probs`` is the plain definition (sort everything, cut, renormalise) that the
+tests hold it to.
 """
 
 from __future__ import annotations
@@ -54,10 +60,36 @@ def nucleus_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.nd
     return p
 
 
+def nucleus_candidates(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, probabilities) of the top-p nucleus of softmax(logits / T), probabilities renormalised.
+
+    Candidates are the k largest probabilities (``argpartition``); the nucleus lies inside them once
+    their mass (softmax over the whole row) reaches p; otherwise k grows fourfold.
+    """
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p >= 1.0:
+        return np.arange(p.shape[0]), p
+    vocab, k = p.shape[0], 64
+    while True:
+        k = min(k, vocab)
+        top = np.argpartition(-p, k - 1)[:k] if k < vocab else np.arange(vocab)
+        order = top[np.argsort(-p[top], kind="stable")]
+        cumulative = np.cumsum(p[order])
+        if cumulative[-1] >= top_p or k == vocab:
+            keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
+            ids = order[: min(keep, k)]
+            probs = p[ids]
+            return ids, probs / probs.sum()
+        k *= 4
+
+
 def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a row of logits [V]."""
+    """One token id from a row of logits [V]: argmax when T = 0, else a draw from the nucleus."""
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    probs = nucleus_probs(logits, params.temperature, params.top_p)
-    cdf = np.cumsum(probs)  # inverse-CDF draw: the first token whose cumulative mass exceeds u
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.shape[0] - 1))
+    ids, probs = nucleus_candidates(logits, params.temperature, params.top_p)
+    cdf = np.cumsum(probs)  # inverse-CDF draw: the first candidate whose cumulative mass exceeds u
+    return int(ids[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(ids) - 1)])

@@ -10,6 +10,8 @@ derived from it and validated again. The tokenizer is saved into ``tokenizer/``.
 ``fused=True`` (Llama / Mistral / Qwen2) writes the graph with ORT's fused decoder operators instead
 (``fused_graph``; same names, validated with the same fp32 checks); ``last_logits=True`` adds the
 optional ``logits_to_keep`` input to the dynamo graph (``graph_edits``; the fused graph has it).
+Which of these graphs was built is the manifest's ``variant`` (``engine.VARIANTS``); validation runs
+every graph through the engine opened with that variant, as bench and serve will.
 ``weight_only="int4" | "int8"`` then stores the MatMul weights for ``MatMulNBits`` (``weight_only``)
 and validates the result with the task-level thresholds of ``validation``.
 """
@@ -20,10 +22,12 @@ import logging
 import time
 from pathlib import Path
 
-from stillroom.core import artifact, onnx_export, onnx_variants, ort_session, staging
+from stillroom.core import artifact, onnx_export, onnx_variants, staging
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
+from stillroom.core.ort_session import SessionOptions
 from stillroom.core.source import detect
+from stillroom.plugins.lm.engine import Variant, exported_variant, open_engine
 from stillroom.plugins.lm.export import fused_graph, graph_edits, validation
 from stillroom.plugins.lm.export.kv_cache_module import CacheGeometry, KVCacheLM
 from stillroom.plugins.lm.export.weight_only import quantize_weight_only
@@ -80,8 +84,9 @@ def export_lm_graph(model, path: Path, opset: int | None = None) -> onnx_export.
     )
 
 
-def _check(model, tokenizer, graph: Path, precision: str, what: str, chunked: bool = True) -> dict:
-    result = validation.validate(model, ort_session.session(graph), tokenizer, precision, chunked=chunked)
+def _check(model, tokenizer, graph: Path, variant: Variant, precision: str, what: str) -> dict:
+    lm = open_engine(graph, variant, SessionOptions.checks())
+    result = validation.validate(model, lm, tokenizer, precision)
     log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
     if not result["passed"]:
         raise staging.validation_failed(what, result)
@@ -127,8 +132,8 @@ def export_causal_lm(
             exported = export_lm_graph(model, graph, opset)
             if last_logits:
                 graph_edits.edit_file(graph, graph)
-        chunked = not fused
-        validation = {"fp32": _check(model, tokenizer, graph, "fp32", "fp32 ONNX graph", chunked)}
+        variant = exported_variant(fused, last_logits)
+        validation = {"fp32": _check(model, tokenizer, graph, variant, "fp32", "fp32 ONNX graph")}
         fp32_bytes = onnx_variants.file_bytes(graph)
         extra: dict = {"fp32_bytes": fp32_bytes}
         if optimize:
@@ -140,19 +145,19 @@ def export_causal_lm(
                 getattr(model.config, "num_attention_heads", 0),
                 getattr(model.config, "hidden_size", 0),
             )
-            validation["optimized"] = _check(model, tokenizer, opt, "fp32", "ORT-optimised graph")
+            validation["optimized"] = _check(model, tokenizer, opt, variant, "fp32", "ORT-optimised graph")
             graph = opt
         precision = "int8" if int8 else "fp16" if fp16 else f"{weight_only}-wo" if weight_only else "fp32"
         if precision != "fp32":
-            variant = staging.stage_dir(tmp, precision) / staging.GRAPH
+            reduced = staging.stage_dir(tmp, precision) / staging.GRAPH
             if weight_only:
-                quantize_weight_only(graph, variant, weight_only)
+                quantize_weight_only(graph, reduced, weight_only)
             else:
-                (onnx_variants.quantize_int8 if int8 else onnx_variants.convert_fp16)(graph, variant)
+                (onnx_variants.quantize_int8 if int8 else onnx_variants.convert_fp16)(graph, reduced)
             validation[precision] = _check(
-                model, tokenizer, variant, precision, f"{precision} graph", chunked
+                model, tokenizer, reduced, variant, precision, f"{precision} graph"
             )
-            graph = variant
+            graph = reduced
         staging.promote(graph.parent, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -169,11 +174,6 @@ def export_causal_lm(
                 },
                 "model_type": family,
                 "optimized": optimize,
-                "fused": fused,
-                "chunked_prefill": chunked,
-                "logits": "all positions; optional input logits_to_keep=k keeps the last k"
-                if fused or last_logits
-                else "all positions",
                 "export_seconds": round(time.perf_counter() - started, 3),
                 "graph_bytes": onnx_variants.file_bytes(tmp / staging.GRAPH),
             }
@@ -184,6 +184,7 @@ def export_causal_lm(
             kind="causal-lm",
             format="onnx",
             exporter=exported.exporter,
+            variant=variant,
             precision=precision,
             graphs={"model": staging.GRAPH},
             inputs=inputs,
