@@ -9,7 +9,10 @@ through the host (``register_families``) and call these methods:
     source = stillroom.core.source.detect(path)           # a family's detect(path) claimed it
     artifact = get_host().family_of_kind(source.kind).export_onnx(path, out, **options)
     model = get_host().family_for_target(target).load("onnxruntime", target)
-    result = family.bench(model, job, settings, out)
+    inputs = family.bench_inputs(artifact_dir, workdir)   # once per benchmark, shared by every target
+    result = family.bench(model, {**inputs, "target": ..., "settings": ...}, settings, out)
+    row["quality"].update(family.compare(teacher_result, student_result))
+    columns = family.quality_keys                         # the report's quality columns
 """
 
 from __future__ import annotations
@@ -33,12 +36,27 @@ class Source:
 
 
 class Family:
-    """Base class of a family; subclasses set the class variables and implement the methods."""
+    """Base class of a family; subclasses set the class variables and implement the methods.
+
+    ``metric`` and ``quality_keys`` describe the quality figures its ``bench`` (and ``compare``)
+    report: ``quality_keys`` are the report's columns in order, the primary ``metric`` first. A family
+    that sets only one of them gets the other from it.
+    """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # the artifact kind its exporter writes and its runtimes read
     metric: ClassVar[str] = ""  # its primary quality metric in bench reports (lower is better)
+    quality_keys: ClassVar[tuple[str, ...]] = ()  # bench report columns, ``metric`` first
     runtimes: ClassVar[tuple[str, ...]] = ()  # runtime names ``load`` accepts
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.quality_keys and not cls.metric:
+            cls.metric = cls.quality_keys[0]
+        elif cls.metric and not cls.quality_keys:
+            cls.quality_keys = (cls.metric,)
+        if cls.quality_keys and cls.quality_keys[0] != cls.metric:
+            raise TypeError(f"{cls.__name__}.quality_keys must start with its primary metric {cls.metric!r}")
 
     def detect(self, path: Path) -> Source | None:
         """A ``Source`` when ``path`` is a student or model directory this family exports, else None."""
@@ -57,6 +75,31 @@ class Family:
         """The model behind ``target`` (an artifact or a model spec) on ``runtime``, for bench and serve."""
         raise NotImplementedError(f"family {self.name!r} must implement load()")
 
+    def bench_inputs(self, artifact_dir: Path | None, workdir: Path) -> dict[str, Any]:
+        """What every target of one benchmark reads, prepared once in the parent process.
+
+        ``artifact_dir`` is the student artifact being benchmarked (None when there is none), so the
+        inputs can follow its training (e.g. the held-out split of its data); files go under
+        ``workdir``. The JSON-able dict is merged into each target's job (the keys ``target`` and
+        ``settings`` are taken), which ``bench`` receives. Families whose targets need nothing
+        shared return {}.
+        """
+        return {}
+
     def bench(self, model: Any, job: dict[str, Any], settings: Any, out: Path) -> dict[str, Any]:
-        """Timing rows and quality of a loaded ``model`` (``settings``: ``core.bench_plan.BenchSettings``)."""
+        """Timing rows and quality of a loaded ``model`` (``settings``: ``core.bench_plan.BenchSettings``).
+
+        Returns ``{"timing": [row per batch size], "quality": {...}, ...}``: other keys (e.g. sample
+        text) stay on the target's report rows. Arrays saved as ``out/NAME.npy`` are handed to
+        ``compare`` and the report as ``result["arrays"][NAME]`` (their path) and kept out of
+        report.json; the report draws one named ``grid`` (images [N, C, H, W] in [-1, 1]).
+        """
         raise NotImplementedError(f"family {self.name!r} must implement bench()")
+
+    def compare(self, teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
+        """Quality figures of a student relative to its teacher, from the two targets' ``bench`` results.
+
+        They join the student's own quality (e.g. how often both predict the same token), because
+        some figures only exist for a pair. The base family has none: {}.
+        """
+        return {}

@@ -1,10 +1,11 @@
 """The student-vs-teacher benchmark: every target through one harness, each in a fresh process.
 
 ``benchmark(targets, settings, out)`` is the library entry point (the CLI and the demo's combined
-report both call it): it runs ``bench_worker`` once per target, then joins the results into one
-report dict, adds top-1 agreement with the teacher (argmax predictions compared position by position
-on the same held-out tokens, when the tokenizers are identical) and the p50 speedup of each student
-over the teacher at the same batch size, and writes report.json / report.md / report.html.
+report both call it). The targets' family (``core.family.Family``) prepares what every target shares
+(``bench_inputs``, e.g. held-out data) and measures each target in ``bench_worker``; the results are
+joined into one report dict with the family's student-vs-teacher figures (``compare``) and the p50
+speedup of each student over the teacher at the same batch size, and written as report.json /
+report.md / report.html.
 """
 
 from __future__ import annotations
@@ -15,52 +16,41 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stillroom.core import artifact as artifacts
-from stillroom.core.bench_plan import BenchSettings, Target
+from stillroom.core.bench_plan import BenchSettings, Target, student_card
 from stillroom.core.errors import StillroomError
+from stillroom.core.family import Family
 from stillroom.core.fsio import write_json, write_text
+from stillroom.core.host import get_host
+from stillroom.data import resolve
 
 log = logging.getLogger(__name__)
-DEFAULT_DATA = "embedded:shakespeare"
+# The bench_inputs key of a held-out text file, for the callers that still hand the text over
+# themselves (``benchmark(heldout=...)``, ``heldout_text``); new code lets the family read it.
+HELDOUT = "heldout"
+RESERVED = ("target", "settings")  # job keys that bench_inputs may not take
 
 
 # -- what to compare ----------------------------------------------------------------------------------
-def _student_card(art: artifacts.Artifact) -> dict[str, Any]:
-    source = art.manifest.source
-    candidates = [source.get(k) for k in ("model_dir", "student_dir", "path")]
-    candidates += [str(Path(source[k]) / "student") for k in ("run_dir", "run") if source.get(k)]
-    for where in filter(None, candidates):
-        card = Path(where) / "stillroom.json"
-        if card.is_file():
-            return json.loads(card.read_text())
-    return {}
-
-
 def default_teacher(artifact_dir: str | Path) -> Target | None:
     """The teacher the artifact's student was distilled from (its recipe's ``teacher.path``), in torch."""
-    art = artifacts.load(artifact_dir, verify=False)
-    recipe = _student_card(art).get("recipe") or {}
+    recipe = student_card(artifact_dir).get("recipe") or {}
     spec = (recipe.get("teacher") or {}).get("path")
     if not spec:
         return None
     return Target(name="teacher", runtime="torch", spec=str(spec), role="teacher")
 
 
-def heldout_text(artifact_dir: str | Path | None) -> str:
-    """The held-out split of the student's training data (the recipe's data.source), else Shakespeare."""
-    from stillroom.plugins.lm import data as textdata
-
-    source = DEFAULT_DATA
-    if artifact_dir is not None:
-        recipe = _student_card(artifacts.load(artifact_dir, verify=False)).get("recipe") or {}
-        source = (recipe.get("data") or {}).get("source") or DEFAULT_DATA
-    files = textdata.split_files(source, "valid") or textdata.split_files(source, "train")
-    return "\n".join(r.text for r in textdata.read_records(files))
+def heldout_text(artifact_dir: str | Path) -> str:
+    """The held-out text the artifact's family benchmarks it on ("" for a family that reads none)."""
+    family = get_host().family_of_kind(artifacts.read_manifest(Path(artifact_dir)).kind)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = family.bench_inputs(Path(artifact_dir), Path(tmp)).get(HELDOUT)
+        return Path(path).read_text(encoding="utf-8") if path else ""
 
 
 def parse_batches(text: str) -> list[int]:
@@ -76,10 +66,44 @@ def parse_batches(text: str) -> list[int]:
 
 
 # -- running ------------------------------------------------------------------------------------------
-def _run_target(target: Target, settings: BenchSettings, workdir: Path, heldout: Path) -> dict[str, Any]:
+def _family_of(targets: list[Target]) -> tuple[Family, Path | None]:
+    """The one family of every target, and the first student artifact (what ``bench_inputs`` follows).
+
+    A target no family claims is left to its own process, which reports the error in its row.
+    """
+    host = get_host()
+    found: dict[str, Family] = {}
+    errors: list[str] = []
+    student_artifact = None
+    for target in targets:
+        try:
+            family = host.family_for_target(target.spec)
+            path = Path(resolve(target.spec))
+        except StillroomError as err:
+            errors.append(f"{target.label}: {err}")
+            continue
+        found.setdefault(family.kind, family)
+        if target.role == "student" and student_artifact is None and (path / artifacts.MANIFEST).is_file():
+            student_artifact = path
+    if len(found) > 1:
+        raise StillroomError(
+            f"the benchmark mixes model kinds {sorted(found)}", "benchmark models of one kind together"
+        )
+    if not found:
+        raise StillroomError(
+            f"no target could be measured ({'; '.join(errors)})", "fix the first error above"
+        )
+    return found.popitem()[1], student_artifact
+
+
+def _run_target(
+    target: Target, settings: BenchSettings, workdir: Path, inputs: dict[str, Any]
+) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
+    for stale in [workdir / "result.json", *workdir.glob("*.npy")]:
+        stale.unlink(missing_ok=True)  # a rerun into the same ``out`` must never read the last run's outputs
     job = workdir / "job.json"
-    write_json(job, {"target": target.__dict__, "settings": settings.as_json(), "heldout": str(heldout)})
+    write_json(job, {**inputs, "target": target.__dict__, "settings": settings.as_json()})
     log.info("benchmarking %s in a fresh process", target.label)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     try:
@@ -97,9 +121,7 @@ def _run_target(target: Target, settings: BenchSettings, workdir: Path, heldout:
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
         return {"error": f"the benchmark process failed (exit {proc.returncode}): {tail}"}
     result = json.loads(result_path.read_text())
-    for name in ("argmax.npy", "grid.npy"):
-        if (workdir / name).is_file():
-            result[name.split(".")[0]] = str(workdir / name)
+    result["arrays"] = {path.stem: str(path) for path in sorted(workdir.glob("*.npy"))}
     return result
 
 
@@ -130,7 +152,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _entries(target: Target, result: dict[str, Any]) -> list[dict[str, Any]]:
+COMMON = ("load_s", "peak_rss_mb", "gpu_peak_mb", "provider", "device")
+NOT_ON_ROWS = ("kind", "timing", "quality", *COMMON)
+
+
+def _entries(target: Target, result: dict[str, Any], figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per batch size: the timing row, the shared figures, ``quality`` (+ ``figures`` from
+    ``Family.compare``) and whatever else the family's ``bench`` returned (e.g. continuations)."""
     base = {
         "name": target.name,
         "runtime": target.runtime,
@@ -140,37 +168,34 @@ def _entries(target: Target, result: dict[str, Any]) -> list[dict[str, Any]]:
     }
     if "error" in result:
         return [{**base, "error": result["error"]}]
-    common = {k: result.get(k) for k in ("load_s", "peak_rss_mb", "gpu_peak_mb", "provider", "device")}
-    quality = dict(result.get("quality") or {})
-    extras = {k: result[k] for k in ("continuations", "grid", "argmax", "tokenizer") if k in result}
-    return [{**base, **timing, **common, "quality": quality, **extras} for timing in result["timing"]]
-
-
-def _agreement(teacher_argmax: str | None, student_argmax: str | None) -> float | None:
-    if not teacher_argmax or not student_argmax:
-        return None
-    a, b = np.load(teacher_argmax), np.load(student_argmax)
-    return float((a == b).mean()) if a.shape == b.shape else None
+    common = {k: result.get(k) for k in COMMON}
+    extras = {k: v for k, v in result.items() if k not in NOT_ON_ROWS}
+    return [
+        {**base, **timing, **common, "quality": {**(result.get("quality") or {}), **figures}, **extras}
+        for timing in result["timing"]
+    ]
 
 
 def assemble(
     kind: str, results: list[tuple[Target, dict[str, Any]]], settings: BenchSettings
 ) -> dict[str, Any]:
     """Joins per-target results into the report dict (schema in the module docstring of report.py)."""
+    family = get_host().family_of_kind(kind)
+    teacher_result = next((r for t, r in results if t.role == "teacher" and "error" not in r), None)
     teacher_rows: list[dict[str, Any]] = []
     students: list[dict[str, Any]] = []
     for target, result in results:
-        rows = _entries(target, result)
-        (teacher_rows if target.role == "teacher" else students).extend(rows)
-    teacher_ok = [r for r in teacher_rows if "error" not in r]
-    by_batch = {r["batch"]: r for r in teacher_ok}
+        if target.role == "teacher":
+            teacher_rows.extend(_entries(target, result, {}))
+            continue
+        paired = teacher_result is not None and "error" not in result
+        students.extend(_entries(target, result, family.compare(teacher_result, result) if paired else {}))
+    by_batch = {r["batch"]: r for r in teacher_rows if "error" not in r}
     for row in students:
         if "error" in row:
             continue
         t = by_batch.get(row["batch"])
         row["speedup_p50"] = t["latency_ms"]["p50"] / row["latency_ms"]["p50"] if t else None
-        if kind == "causal-lm" and teacher_ok and row.get("tokenizer") == teacher_ok[0].get("tokenizer"):
-            row["quality"]["top1_agreement"] = _agreement(teacher_ok[0].get("argmax"), row.get("argmax"))
     teacher = None
     if teacher_rows:
         first = teacher_rows[0]
@@ -196,26 +221,31 @@ def benchmark(
     heldout: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Measures every target in its own process and writes the report files into ``out``."""
+    """Measures every target in its own process and writes the report files into ``out``.
+
+    The family's ``bench_inputs`` follow the first student artifact among the targets. ``heldout``
+    (for callers that read the held-out text themselves) replaces the text such a family would read;
+    a family that reads none ignores it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    heldout_path = out / "work" / "heldout.txt"
-    write_text(heldout_path, heldout if heldout is not None else heldout_text(None))
-    results = []
-    for i, target in enumerate(targets):
-        results.append(
-            (target, _run_target(target, settings, out / "work" / f"{i:02d}-{target.role}", heldout_path))
-        )
-    kinds = {r.get("kind") for _, r in results if "kind" in r}
-    if len(kinds) > 1:
+    family, student_artifact = _family_of(targets)
+    inputs = family.bench_inputs(student_artifact, out / "work")
+    if taken := set(RESERVED) & set(inputs):
         raise StillroomError(
-            f"the benchmark mixes model kinds {sorted(kinds)}",
-            "compare LMs with LMs and generators with generators",
+            f"family '{family.name}' returned bench inputs named {sorted(taken)}, which the job uses",
+            "rename them in the family's bench_inputs",
         )
-    if not kinds:
+    if heldout is not None and HELDOUT in inputs:
+        write_text(Path(inputs[HELDOUT]), heldout)
+    results = [
+        (target, _run_target(target, settings, out / "work" / f"{i:02d}-{target.role}", inputs))
+        for i, target in enumerate(targets)
+    ]
+    if all("error" in r for _, r in results):
         errors = "; ".join(f"{t.label}: {r['error']}" for t, r in results)
         raise StillroomError(f"no target could be measured ({errors})", "fix the first error above")
-    report = assemble(kinds.pop(), results, settings)
+    report = assemble(family.kind, results, settings)
     if write:
         from stillroom.serve.report import write_report
 
@@ -234,7 +264,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """`stillroom bench`: one artifact on each runtime against its teacher (or ``teacher`` spec)."""
     settings = settings or BenchSettings()
-    art = artifacts.load(artifact_dir)
+    artifacts.load(artifact_dir)  # a damaged artifact fails here, not after minutes of teacher timing
     name = Path(artifact_dir).resolve().name
     targets = [
         Target(name=name, runtime=rt, spec=str(artifact_dir), options=(options or {}).get(rt, {}))
@@ -250,5 +280,4 @@ def run_bench(
     else:
         t.options = dict(teacher_options or {})
         targets.insert(0, t)
-    heldout = heldout_text(artifact_dir) if art.kind == "causal-lm" else ""
-    return benchmark(targets, settings, out, heldout=heldout)
+    return benchmark(targets, settings, out)

@@ -2,8 +2,9 @@
 
 Loads the target through its registered runtime (timing the load); the family that owns the target
 (``Family.bench``) times every batch size and gathers its quality figures, writing any arrays the
-report needs (argmax predictions, a sample grid) beside ``result.json`` in the job's directory. A
-user error becomes ``{"error": ...}``.
+parent needs (``NAME.npy``, e.g. predictions to compare, a sample grid) beside ``result.json`` in the
+job's directory. The job reaches ``Family.bench`` as written: ``target``, ``settings`` and whatever
+the family's ``bench_inputs`` prepared for every target. A user error becomes ``{"error": ...}``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 report.json::
 
-    {"format_version": 1, "kind": "causal-lm" | "generator", "machine": {...}, "settings": {...},
+    {"format_version": 1, "kind": <the family's artifact kind>, "machine": {...}, "settings": {...},
      "teacher": {<entry>, "by_batch": [<entry>, ...]} | null,
      "students": [<entry>, ...],            # one per (student, runtime, batch)
      "speedup_p50": float | null}           # best student's teacher_p50 / student_p50 at the smallest batch
@@ -10,11 +10,14 @@ report.json::
     <entry> = {"name", "runtime", "role", "spec", "batch", "latency_ms": {"p50", "p90", "p99", "mean", "min"},
                "throughput", "throughput_unit", "load_s", "peak_rss_mb", "gpu_peak_mb", "provider",
                "quality": {...}, "speedup_p50",                          # students only
-               LMs: "ttft_ms", "per_token_ms", "continuations": [{"prompt", "text"}],
-               generators: "samples": "samples/NAME.png"}  |  {"name", "runtime", "error"}
+               token models: "ttft_ms", "per_token_ms", "continuations": [{"prompt", "text"}],
+               image models: "samples": "samples/NAME.png"}  |  {"name", "runtime", "error"}
 
+The report names no family: its quality columns are the ``quality_keys`` of the family of the
+report's kind (the first, ``metric``, is plotted against latency; lower is better), and each part
+appears when the rows carry its data: time-to-first-token columns, continuations, sample grids.
 The HTML embeds its plots (matplotlib, PNG as base64): p50 latency bars with p90 whiskers per batch
-size, quality against latency, sample grids for generators and continuations for LMs.
+size, quality against latency, the sample grids and continuations.
 """
 
 from __future__ import annotations
@@ -29,12 +32,7 @@ from typing import Any
 import numpy as np
 
 from stillroom.core.fsio import write_bytes, write_json, write_text
-
-QUALITY_KEYS = {
-    "causal-lm": ("perplexity", "top1_agreement"),
-    "generator": ("fid_like", "class_accuracy", "diversity", "recall"),
-}
-PRIMARY = {"causal-lm": ("perplexity", "lower is better"), "generator": ("fid_like", "lower is better")}
+from stillroom.core.host import get_host
 
 
 def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,7 +110,7 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, note = PRIMARY[report["kind"]]
+    key = get_host().family_of_kind(report["kind"]).metric
     batch = min(report["settings"]["batches"])
     points = [
         r
@@ -138,12 +136,13 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
         )
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency ms at batch {batch}")
-    ax.set_ylabel(f"{key} ({note})")
+    ax.set_ylabel(f"{key} (lower is better)")
     ax.set_title("quality vs latency")
     return _fig_bytes(fig)
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def format_value(v: Any, digits: int = 3) -> str:
+    """A table cell: "-" for missing, ``digits`` significant digits for floats below 1000."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -153,10 +152,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     kind = report["kind"]
-    qkeys = QUALITY_KEYS[kind]
-    lm = kind == "causal-lm"
+    qkeys = get_host().family_of_kind(kind).quality_keys
+    ttft = any("ttft_ms" in r for r in _rows(report))
     head = ["model", "runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput"]
-    head += ["TTFT ms", "ms/token"] if lm else []
+    head += ["TTFT ms", "ms/token"] if ttft else []
     head += ["load s", "peak RSS MB", *qkeys, "speedup p50"]
     lines = [
         f"# stillroom bench: {kind}",
@@ -177,36 +176,39 @@ def markdown(report: dict[str, Any]) -> str:
             r["name"] + (" (teacher)" if r["role"] == "teacher" else ""),
             r["runtime"],
             r["batch"],
-            _fmt(lat["p50"]),
-            _fmt(lat["p90"]),
-            _fmt(lat["p99"]),
-            f"{_fmt(r['throughput'])} {r['throughput_unit']}",
+            format_value(lat["p50"]),
+            format_value(lat["p90"]),
+            format_value(lat["p99"]),
+            f"{format_value(r['throughput'])} {r['throughput_unit']}",
         ]
-        if lm:
-            cells += [_fmt(r["ttft_ms"]["p50"]), _fmt(r["per_token_ms"]["p50"])]
+        if ttft:
+            cells += [_p50(r, "ttft_ms"), _p50(r, "per_token_ms")]
         cells += [
-            _fmt(r.get("load_s")),
-            _fmt(r.get("peak_rss_mb"), 4),
-            *[_fmt(r["quality"].get(k)) for k in qkeys],
-            _fmt(r.get("speedup_p50")),
+            format_value(r.get("load_s")),
+            format_value(r.get("peak_rss_mb"), 4),
+            *[format_value(r["quality"].get(k)) for k in qkeys],
+            format_value(r.get("speedup_p50")),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += [
         "",
         f"Speedup (teacher p50 / best student p50 at batch {min(report['settings']['batches'])}): "
-        f"{_fmt(report.get('speedup_p50'))}x",
+        f"{format_value(report.get('speedup_p50'))}x",
         "",
     ]
-    if lm:
+    models = _unique_models(report)
+    if any("continuations" in r for r in models):
         lines += ["## Continuations (greedy)", ""]
-        for r in _unique_models(report):
+        for r in models:
             for c in r.get("continuations") or []:
                 lines.append(f"- **{r['name']} [{r['runtime']}]** `{c['prompt']}` -> {c['text']!r}")
-    else:
-        lines += ["## Samples", ""] + [
-            f"![{r['name']}]({r['samples']})" for r in _unique_models(report) if r.get("samples")
-        ]
+    if any("samples" in r for r in models):
+        lines += ["## Samples", ""] + [f"![{r['name']}]({r['samples']})" for r in models if r.get("samples")]
     return "\n".join(lines) + "\n"
+
+
+def _p50(row: dict[str, Any], key: str) -> str:
+    return format_value((row.get(key) or {}).get("p50"))
 
 
 def _unique_models(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -248,23 +250,24 @@ def html_section(report: dict[str, Any], md_table: str, grids: dict[str, bytes],
     """One report's tables, plots, samples/continuations, as HTML (no page wrapper)."""
     h, h2 = f"h{level}", f"h{level + 1}"
     parts = [f"<{h}>stillroom bench: {html.escape(report['kind'])}</{h}>", html_table(md_table)]
-    parts.append(f"<p>Speedup p50: {html.escape(_fmt(report.get('speedup_p50')))}x</p>")
+    parts.append(f"<p>Speedup p50: {html.escape(format_value(report.get('speedup_p50')))}x</p>")
     parts += [f"<{h2}>Latency</{h2}>", _img(latency_plot(report), "latency")]
     qp = quality_plot(report)
     if qp:
         parts += [f"<{h2}>Quality vs latency</{h2}>", _img(qp, "quality vs latency")]
-    if report["kind"] == "causal-lm":
+    models = _unique_models(report)
+    if any("continuations" in r for r in models):
         parts.append(
             f"<{h2}>Continuations</{h2}><table><tr><th>model</th><th>prompt</th><th>continuation</th></tr>"
         )
-        for r in _unique_models(report):
+        for r in models:
             for c in r.get("continuations") or []:
                 parts.append(
                     f"<tr><td>{html.escape(r['name'])} [{html.escape(r['runtime'])}]</td>"
                     f"<td>{html.escape(c['prompt'])}</td><td>{html.escape(c['text'])}</td></tr>"
                 )
         parts.append("</table>")
-    else:
+    if grids or any("samples" in r for r in models):
         parts.append(f"<{h2}>Samples</{h2}>")
         for label, png in grids.items():
             parts += [f"<h{level + 2}>{html.escape(label)}</h{level + 2}>", _img(png, label)]
@@ -292,8 +295,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out = Path(out)
     grids: dict[str, bytes] = {}
     for r in [*_rows(report), *([report["teacher"]] if report.get("teacher") else [])]:
-        r.pop("argmax", None)
-        grid = r.pop("grid", None)
+        grid = (r.pop("arrays", None) or {}).get("grid")
         if grid and "error" not in r:
             label = f"{r['name']} [{r['runtime']}]"
             if label not in grids:

@@ -14,6 +14,7 @@ class GeneratorFamily(Family):
     name = "diffusion"
     kind = "generator"
     metric = "fid_like"
+    quality_keys = ("fid_like", "class_accuracy", "diversity", "recall")
     runtimes = ("torch", "onnxruntime", "tensorrt")
 
     def detect(self, path: Path) -> Source | None:

@@ -16,6 +16,7 @@ class CausalLMFamily(Family):
     name = "lm"
     kind = "causal-lm"
     metric = "perplexity"
+    quality_keys = ("perplexity", "top1_agreement")
     runtimes = ("torch", "onnxruntime", "tensorrt")
 
     def detect(self, path: Path) -> Source | None:
@@ -75,3 +76,15 @@ class CausalLMFamily(Family):
         from stillroom.plugins.lm import bench
 
         return bench.bench(model, job, settings, out)
+
+    def bench_inputs(self, artifact_dir: Path | None, workdir: Path) -> dict[str, Any]:
+        """The held-out text of the student's training data, as ``{"heldout": path}``."""
+        from stillroom.plugins.lm import bench_parent
+
+        return bench_parent.bench_inputs(artifact_dir, workdir)
+
+    def compare(self, teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
+        """Top-1 agreement with the teacher on the held-out tokens (same tokenizer only)."""
+        from stillroom.plugins.lm import bench_parent
+
+        return bench_parent.compare(teacher, student)
