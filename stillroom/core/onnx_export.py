@@ -168,16 +168,3 @@ def tensor_specs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         }
 
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded in every manifest."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "diffusers", "stillroom"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out

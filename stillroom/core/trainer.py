@@ -30,12 +30,12 @@ from typing import Any
 import torch
 import yaml
 
-from stillroom import __version__
 from stillroom.core import checkpoint, distributed
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir, remove_stale_temps, write_json, write_text
 from stillroom.core.host import Host, get_host
 from stillroom.core.method import Context, Method, Role
+from stillroom.core.provenance import versions
 from stillroom.core.recipe import Recipe, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -470,20 +470,6 @@ def _read_yaml(path: Path) -> Any:
 
 def _plain(obj: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(obj, sort_keys=False))
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    out = {"stillroom": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for name in ("transformers", "diffusers", "onnx", "onnxruntime"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name)
-        except Exception:  # noqa: BLE001 - optional packages
-            continue
-    return out
 
 
 def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:

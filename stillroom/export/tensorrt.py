@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from stillroom.core import artifact
+from stillroom.core import artifact, provenance
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir, write_bytes
 
@@ -287,7 +287,7 @@ def build(
     profile_overrides: dict[str, tuple[int, int, int]] | None = None,
 ) -> artifact.Artifact:
     trt = require()
-    from stillroom.core import onnx_export, staging
+    from stillroom.core import staging
 
     profiles = derive_profiles(onnx_art.manifest.inputs, profile_overrides)
     cc = _compute_capability()
@@ -326,7 +326,7 @@ def build(
                 "graphs": {"model": PLAN},
                 "tokenizer": "tokenizer" if onnx_art.manifest.tokenizer else None,
                 "validation": {**comparison, "onnx": m.validation},
-                "versions": {**onnx_export.versions(), "tensorrt": trt.__version__},
+                "versions": {**provenance.versions(), "tensorrt": trt.__version__},
                 "source": {"type": "onnx-artifact", "path": str(onnx_art.root), "onnx_source": m.source},
                 "extra": {
                     **m.extra,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stillroom.core import artifact, onnx_export, onnx_variants, ort_session, staging
+from stillroom.core import artifact, onnx_export, onnx_variants, ort_session, provenance, staging
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
@@ -247,7 +247,7 @@ def export_generator_module(
             sampler=sampler,
             tokenizer="tokenizer" if text_encoder is not None and tokenizer is not None else None,
             source=source or {},
-            versions=onnx_export.versions(),
+            versions=provenance.versions(),
             validation={**final, "stages": validation},
             extra=extra,
         )

@@ -22,7 +22,7 @@ import logging
 import time
 from pathlib import Path
 
-from stillroom.core import artifact, onnx_export, onnx_variants, staging
+from stillroom.core import artifact, onnx_export, onnx_variants, provenance, staging
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
 from stillroom.core.ort_session import SessionOptions
@@ -191,7 +191,7 @@ def export_causal_lm(
             outputs=outputs,
             tokenizer="tokenizer" if tokenizer is not None else None,
             source=source.info,
-            versions=onnx_export.versions(),
+            versions=provenance.versions(),
             validation={**final, "stages": validation},
             extra=extra,
         )
