@@ -15,7 +15,7 @@ import click
 
 from stillroom import __version__
 from stillroom.core.errors import StillroomError
-from stillroom.core.host import get_host
+from stillroom.core.host import KINDS, get_host
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,23 +57,19 @@ def plugins(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("plugin", "version", "methods", "exporters", "runtimes", "status")
+    table = Table("plugin", "version", *KINDS, "status")
     for info in infos:
         status = f"[red]error: {info.error}" if info.error else ("built-in" if info.builtin else "installed")
-        table.add_row(
-            info.name,
-            info.version or "",
-            ", ".join(info.methods),
-            ", ".join(info.exporters),
-            ", ".join(info.runtimes),
-            status,
-        )
-    Console().print(table)
+        table.add_row(info.name, info.version or "", *(", ".join(getattr(info, k)) for k in KINDS), status)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: do not squeeze eight columns into 80
+        console = Console(width=160)
+    console.print(table)
 
 
 @cli.command()
 def recipes() -> None:
-    """List the recipes shipped with stillroom (usable by name in `stillroom distill NAME`)."""
+    """List the recipes shipped with stillroom (usable by name in `stillroom distill` and `stillroom run`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -86,20 +82,49 @@ def recipes() -> None:
     Console().print(table)
 
 
-@cli.command(context_settings={"ignore_unknown_options": False})
+RUN_DIR = click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory (default: runs/<recipe name>).",
+)
+RESUME = click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+
+
+def _run_dir(recipe: str, out: Path | None) -> Path:
+    return out or Path("runs") / Path(recipe).stem
+
+
+@cli.command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@RUN_DIR
+@RESUME
 def distill(recipe: str, overrides: tuple[str, ...], out: Path | None, resume: bool) -> None:
     """Train a student from RECIPE (a YAML file or a shipped recipe name) with KEY=VALUE overrides."""
-    from stillroom.core import recipe as recipes_mod
-    from stillroom.core.trainer import Trainer
+    from stillroom.pipeline import train
 
-    loaded = recipes_mod.load(recipe, list(overrides))
-    run_dir = out or Path("runs") / Path(recipe).stem
-    student_dir = Trainer(loaded, run_dir).fit(resume=resume)
+    student_dir = train(recipe, _run_dir(recipe, out), overrides, resume=resume)
     logging.getLogger("stillroom").info("student saved to %s", student_dir)
+
+
+@cli.command("run")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@RUN_DIR
+@RESUME
+def run_recipe(recipe: str, overrides: tuple[str, ...], out: Path | None, resume: bool) -> None:
+    """Train, export and benchmark RECIPE as its export: and bench: sections say.
+
+    Writes RUN/ (the training run), RUN/artifact and RUN/bench; a re-run skips every stage whose
+    result is present and valid.
+    """
+    from stillroom import pipeline
+    from stillroom.serve.commands import log_report
+
+    run_dir = _run_dir(recipe, out)
+    result = pipeline.run(pipeline.load_recipe(recipe, overrides), run_dir, resume=resume)
+    logging.getLogger("stillroom").info("student %s; artifact %s", result.student, result.artifact.root)
+    log_report(result.report, run_dir / "bench")
 
 
 @cli.command()

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stillroom.core.errors import StillroomError
+from stillroom import pipeline
 from stillroom.core.fsio import write_json, write_text
+from stillroom.core.host import get_host
+from stillroom.serve import report as rep
+from stillroom.serve.report import format_value
 
 log = logging.getLogger(__name__)
 
@@ -80,52 +83,23 @@ class Demo:
         self.plan = FAST if fast else FULL
         self.timings: dict[str, float] = {}
 
-    # -- stages ---------------------------------------------------------------------------------
+    # -- stages (stillroom.pipeline's: each skipped when its result is present and valid) ------------
     def distill(self, name: str, recipe: str, overrides: list[str]) -> Path:
-        """Trains into runs/NAME unless that run finished (run.json is written last)."""
-        from stillroom.core import recipe as recipes
-        from stillroom.core.trainer import Trainer
-
+        """Trains into runs/NAME (resuming a run that stopped) unless that run finished."""
         run = self.out / "runs" / name
-        if (run / "run.json").is_file() and (run / "student").is_dir():
-            log.info("[skip] %s: already distilled (%s)", name, run)
-            return run / "student"
-        log.info("[distill] %s with recipe %s %s", name, recipe, " ".join(overrides))
-        rec = recipes.load(recipe, ["train.tensorboard=false", *overrides])
-        return Trainer(rec, run).fit(resume=(run / "recipe.yaml").is_file())
+        rec = pipeline.load_recipe(recipe, ["train.tensorboard=false", *overrides])
+        return pipeline.distill_stage(rec, run, name, resume=(run / "recipe.yaml").is_file())
 
     def export(self, name: str, student: Path, **options: Any) -> Path:
-        """Exports into artifacts/NAME unless a verified artifact is already there."""
-        from stillroom.core import artifact
-
-        target = self.out / "artifacts" / name
-        try:
-            artifact.load(target)
-            log.info("[skip] %s: artifact present and verified", name)
-            return target
-        except StillroomError:
-            pass
-        log.info("[export] %s %s", name, options or "")
-        if (student / "unet").is_dir():
-            from stillroom.plugins.diffusion.export import export_generator
-
-            export_generator(student, target, **options)
-        else:
-            from stillroom.plugins.lm.export.onnx_artifact import export_causal_lm
-
-            export_causal_lm(student, target, **options)
-        return target
+        """Exports into artifacts/NAME with the registered ONNX exporter, as `stillroom export` does."""
+        return pipeline.export_stage(student, self.out / "artifacts" / name, name, "onnx", **options).root
 
     def bench(self, kind: str, targets: list, batches: list[int], heldout: str | None) -> dict[str, Any]:
-        """Benchmarks into bench/KIND unless its report is there (report.html is written last)."""
+        """Benchmarks every target of one kind together into bench/KIND."""
         from stillroom.core.bench_plan import BenchSettings
         from stillroom.serve.bench import benchmark
 
         where = self.out / "bench" / kind
-        if (where / "report.html").is_file() and (where / "report.json").is_file():
-            log.info("[skip] bench %s: report present", kind)
-            return json.loads((where / "report.json").read_text())
-        log.info("[bench] %s: %s", kind, ", ".join(t.label for t in targets))
         settings = BenchSettings(
             batches=batches,
             repeats=self.plan.repeats,
@@ -134,7 +108,10 @@ class Demo:
             eval_blocks=self.plan.eval_blocks,
             grid_images=16,
         )
-        return benchmark(targets, settings, where, heldout=heldout)
+        label = f"{kind}: {', '.join(t.label for t in targets)}"
+        return pipeline.bench_stage(
+            where, label, lambda: benchmark(targets, settings, where, heldout=heldout)
+        )
 
     def _timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -202,19 +179,17 @@ class Demo:
 
 
 # -- summary and the combined report ------------------------------------------------------------------
-PRIMARY = {"generator": "fid_like", "causal-lm": "perplexity"}  # both: lower is better
-
-
 def summarize(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per student at the smallest batch: speedup over the teacher and quality ratio.
 
-    quality ratio = teacher metric / student metric for the kind's primary metric (FID-like for
-    generators, perplexity for LMs; lower is better for both), so 1.0 means as good as the teacher.
+    quality ratio = teacher metric / student metric for the primary metric of the kind's family
+    (``Family.metric``, lower is better: FID-like for generators, perplexity for LMs), so 1.0 means
+    as good as the teacher.
     """
     rows = []
     for report in reports:
         kind = report["kind"]
-        metric = PRIMARY[kind]
+        metric = get_host().family_of_kind(kind).metric
         teacher = report.get("teacher") or {}
         t_quality = (teacher.get("quality") or {}).get(metric)
         smallest = min(report["settings"]["batches"])
@@ -251,14 +226,6 @@ def summarize(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = [
         "student",
@@ -281,7 +248,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             "| "
             + " | ".join(
-                _fmt(x)
+                format_value(x)
                 for x in (
                     r["student"],
                     r["kind"],
@@ -303,8 +270,6 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 def write_combined_report(combined: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json / report.md / report.html for the whole demo (plots and grids embedded)."""
-    from stillroom.serve import report as rep
-
     md = [
         "# stillroom demo",
         "",
@@ -372,12 +337,12 @@ def print_summary(combined: dict[str, Any], out: Path) -> None:
         table.add_row(
             r["student"],
             r["kind"],
-            _fmt(r["p50_ms"]),
-            f"{_fmt(r['speedup'])}x",
+            format_value(r["p50_ms"]),
+            f"{format_value(r['speedup'])}x",
             r["metric"],
-            _fmt(r["student_quality"]),
-            _fmt(r["teacher_quality"]),
-            _fmt(r["quality_ratio"]),
+            format_value(r["student_quality"]),
+            format_value(r["teacher_quality"]),
+            format_value(r["quality_ratio"]),
         )
     console = Console()
     if not console.is_terminal:  # logs and CI: do not squeeze the table to 80 columns

@@ -23,6 +23,11 @@ def test_plugins_json_lists_builtins():
     plugins = {p["name"]: p for p in json.loads(out.stdout)}
     assert set(plugins["lm"]) >= {"name", "version", "hooks", "methods", "exporters", "runtimes", "error"}
     assert "kd" in plugins["lm"]["methods"] and plugins["lm"]["error"] is None
+    assert plugins["lm"]["families"] == ["lm"] and plugins["lm"]["metrics"] == ["perplexity"]
+    assert plugins["diffusion"]["metrics"] == ["fid_like"]
+    assert plugins["export"]["exporters"] == ["onnx", "tensorrt", "triton"]
+    table = run("plugins").stdout
+    assert "families" in table and "metrics" in table and "perplexity" in table
 
 
 def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_teacher, corpus_dir, write_recipe):
@@ -39,6 +44,9 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_teacher, corp
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     out = run("distill", str(recipe), "--out", str(tmp_path / "empty"), "--resume")
     assert out.returncode == 1 and "nothing to resume" in out.stderr
+    out = run("run", str(recipe), "export.to=nope", "--out", str(tmp_path / "r"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: recipe key 'export.to': unknown exporter 'nope' (available: onnx,")
     out = run("--debug", "distill", str(recipe), "method.name=nope", "--out", str(tmp_path / "r"))
     assert out.returncode != 0 and "Traceback" in out.stderr
     assert not (tmp_path / "r").exists()

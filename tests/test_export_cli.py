@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 
 from tests.conftest import STILLROOM, cli_env
+from tests.test_host import fake_dist
+
+FAKE_EXPORTER = """
+from pathlib import Path
+
+from stillroom import hookimpl
+
+
+def fake(src, out, **options):
+    from stillroom.core import artifact
+
+    Path(out).mkdir(parents=True)
+    (Path(out) / "source.txt").write_text(str(src))
+    manifest = artifact.Manifest(kind="causal-lm", format="fake", exporter="fake", extra=options)
+    artifact.write_manifest(Path(out), manifest)
+    return artifact.load(out)
+
+
+@hookimpl
+def register_exporters(register):
+    register("fake", fake)
+"""
 
 
 def test_exporters_are_registered():
@@ -14,6 +37,26 @@ def test_exporters_are_registered():
 
     host = get_host()
     assert {"onnx", "tensorrt", "triton"} <= set(host.registry["exporters"])
+
+
+def test_a_plugins_exporter_is_a_choice_of_export_to(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_dist(site, "fakeexp", FAKE_EXPORTER)
+    env = cli_env(PYTHONPATH=str(site))
+
+    def run(*args):
+        return subprocess.run([STILLROOM, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    assert "--to [fake|onnx|tensorrt|triton]" in run("export", "--help").stdout
+    plugins = {p["name"]: p for p in json.loads(run("plugins", "--json").stdout)}
+    assert plugins["fakeexp"]["exporters"] == ["fake"]
+    (tmp_path / "src").mkdir()
+    out = run("export", str(tmp_path / "src"), "--to", "fake", "--int8", "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["exporter"] == "fake" and manifest["extra"]["int8"] is True
+    assert (tmp_path / "out" / "source.txt").read_text() == str(tmp_path / "src")
 
 
 def test_export_of_unrecognised_directory_is_one_line_error(tmp_path):

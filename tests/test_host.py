@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import click
 import pytest
 
 from stillroom.core.errors import StillroomError
-from stillroom.core.host import Host
+from stillroom.core.host import Host, RegistryChoice, get_host
 
 
 def fake_dist(root: Path, name: str, module_source: str) -> None:
@@ -71,6 +73,32 @@ def test_builtins_are_entry_points():
     infos = {i.name: i for i in host.infos()}
     assert infos["lm"].builtin and "kd" in infos["lm"].methods and infos["lm"].error is None
     assert infos["lm"].hooks == ["register_methods"] or "register_methods" in infos["lm"].hooks
+    assert infos["lm"].families == ["lm"] and infos["lm"].metrics == ["perplexity"]
+    assert infos["diffusion"].families == ["diffusion"] and infos["diffusion"].metrics == ["fid_like"]
+    assert host.family_of_kind("causal-lm").metric == "perplexity"
+
+
+def test_a_kind_is_registered_when_first_read_without_importing_torch():
+    """`stillroom export --help` reads the exporters only; the methods (and torch) stay unimported."""
+    code = (
+        "import sys; from stillroom.core.host import get_host; host = get_host();"
+        "exporters = sorted(host.registry['exporters']);"
+        "print(exporters, 'methods' in host.registry, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "['onnx', 'tensorrt', 'triton'] False False", out.stderr
+
+
+def test_registry_choice_follows_the_host(site):
+    fake_dist(site, "good", GOOD)
+    choice = RegistryChoice("runtimes", separator=",")
+    assert choice.choices == ("echo-runtime", "onnxruntime", "tensorrt", "torch")
+    assert choice.convert("torch, echo-runtime", None, None) == ("torch", "echo-runtime")
+    with pytest.raises(StillroomError, match=r"unknown runtime 'nope' \(available: echo-runtime, onnx"):
+        choice.convert("torch,nope", None, None)
+    option = click.Option(["--to"], type=RegistryChoice("exporters"))
+    assert option.type.get_metavar(option, click.Context(click.Command("x"))) == "[onnx|tensorrt|triton]"
+    assert get_host().lookup("exporters", "onnx") is get_host().exporter("onnx")
 
 
 def test_installed_plugin_registers_and_broken_ones_are_isolated(site):

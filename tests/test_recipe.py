@@ -80,3 +80,45 @@ def test_yaml_errors_are_one_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(StillroomError, match="must be a mapping"):
         recipes.load_yaml(tmp_path / "list.yaml")
+
+
+def test_export_to_and_bench_runtimes_are_checked_against_the_registries(tmp_path):
+    for override, expected in [
+        (
+            "export.to=nope",
+            "recipe key 'export.to': unknown exporter 'nope' (available: onnx, tensorrt, triton;",
+        ),
+        (
+            "bench.runtimes=[torch, nope]",
+            "recipe key 'bench.runtimes': unknown runtime 'nope' (available: onnx",
+        ),
+    ]:
+        with pytest.raises(StillroomError) as info:
+            recipes.validate(recipes.apply_overrides(good(tmp_path), [override]))
+        assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_a_plugins_exporter_is_a_valid_export_to(tmp_path):
+    import types
+
+    from stillroom.core.hookspecs import hookimpl
+    from stillroom.core.host import get_host
+
+    plugin = types.ModuleType("fake_exporter_plugin")
+    plugin.register_exporters = hookimpl(lambda register: register("fake", print))
+    get_host().register(plugin, "fake-exporter")
+    rec = recipes.validate(
+        recipes.apply_overrides(good(tmp_path), ["export.to=fake", "export.options={a: 1}"])
+    )
+    assert rec.export.to == "fake"
+
+
+def test_export_section_is_the_exporters_keyword_options(tmp_path):
+    data = recipes.apply_overrides(
+        good(tmp_path), ["export.fused=true", "export.last_logits=true", "export.options={profile: [x]}"]
+    )
+    options = recipes.validate(data).export.exporter_options()
+    assert options["fused"] is True and options["last_logits"] is True and options["profile"] == ["x"]
+    assert set(options) == {"fused", "last_logits", "profile"}
+    with pytest.raises(StillroomError, match="recipe key 'export.weight_only'"):
+        recipes.validate(recipes.apply_overrides(good(tmp_path), ["export.weight_only=int3"]))

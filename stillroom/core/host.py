@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import click
 import pluggy
 
 from stillroom.core import hookspecs
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 GROUP = "stillroom"
 BUILTIN_DIST = "stillroom"
 KINDS = ("families", "methods", "exporters", "runtimes", "metrics")
+NOUNS = {
+    "families": "family",
+    "methods": "method",
+    "exporters": "exporter",
+    "runtimes": "runtime",
+    "metrics": "metric",
+}
 
 
 @dataclass
@@ -107,37 +115,41 @@ class Host:
 
     @cached_property
     def registry(self) -> dict[str, dict[str, Any]]:
-        """Calls every `register_*` hook, one plugin at a time so a failure is attributed."""
-        tables: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
-        for kind in KINDS:
-            caller = getattr(self.pm.hook, f"register_{kind}")
-            for impl in reversed(caller.get_hookimpls()):
-                info = self.plugins.get(impl.plugin_name)
-                names: list[str] = []
+        """``kind -> {name: object}``; a kind's ``register_*`` hooks run when it is first read, so
+        ``stillroom export --help`` lists exporters without importing the methods (and torch)."""
+        return _Tables(self._fill)
 
-                def register(*args: Any, _kind: str = kind, _names: list[str] = names) -> None:
-                    name, obj = _registration(_kind, args)
-                    tables[_kind][name] = obj
-                    _names.append(name)
+    def _fill(self, kind: str) -> dict[str, Any]:
+        """Calls every ``register_<kind>`` hook, one plugin at a time so a failure is attributed."""
+        table: dict[str, Any] = {}
+        caller = getattr(self.pm.hook, f"register_{kind}")
+        for impl in reversed(caller.get_hookimpls()):
+            info = self.plugins.get(impl.plugin_name)
+            names: list[str] = []
 
-                try:
-                    impl.function(register=register)
-                except Exception as err:
-                    for name in names:
-                        tables[kind].pop(name, None)
-                    if info is not None:
-                        info.error = f"register_{kind}: {_error_line(err)}"
-                    log.warning("plugin %s failed in register_%s: %s", impl.plugin_name, kind, err)
-                    continue
+            def register(*args: Any, _names: list[str] = names) -> None:
+                name, obj = _registration(kind, args)
+                table[name] = obj
+                _names.append(name)
+
+            try:
+                impl.function(register=register)
+            except Exception as err:
+                for name in names:
+                    table.pop(name, None)
                 if info is not None:
-                    getattr(info, kind).extend(names)
-        return tables
+                    info.error = f"register_{kind}: {_error_line(err)}"
+                log.warning("plugin %s failed in register_%s: %s", impl.plugin_name, kind, err)
+                continue
+            if info is not None:
+                getattr(info, kind).extend(names)
+        return table
 
     def method(self, name: str) -> type:
-        return self._lookup("methods", name, "method")
+        return self.lookup("methods", name)
 
     def metric(self, name: str) -> Callable[..., Any]:
-        return self._lookup("metrics", name, "metric")
+        return self.lookup("metrics", name)
 
     def families(self) -> list[Any]:
         """Every registered family (a ``stillroom.core.family.Family`` instance), by name."""
@@ -176,17 +188,18 @@ class Host:
         )
 
     def exporter(self, name: str) -> Callable[..., Any]:
-        return self._lookup("exporters", name, "exporter")
+        return self.lookup("exporters", name)
 
     def runtime(self, name: str) -> Callable[..., Any]:
-        return self._lookup("runtimes", name, "runtime")
+        return self.lookup("runtimes", name)
 
-    def _lookup(self, kind: str, name: str, noun: str) -> Any:
+    def lookup(self, kind: str, name: str) -> Any:
+        """The object registered as ``name`` in ``kind``; else one line listing what is registered."""
         table = self.registry[kind]
         if name not in table:
             known = ", ".join(sorted(table)) or "none"
             raise StillroomError(
-                f"unknown {noun} '{name}'",
+                f"unknown {NOUNS[kind]} '{name}'",
                 f"available: {known}; `stillroom plugins` shows what is installed",
             )
         return table[name]
@@ -215,8 +228,50 @@ class Host:
                 ) from err
 
     def infos(self) -> list[PluginInfo]:
-        self.registry  # noqa: B018 - fills the per-plugin registration lists
+        for kind in KINDS:  # fills the per-plugin registration lists
+            self.registry[kind]  # noqa: B018
         return sorted(self.plugins.values(), key=lambda p: (not p.builtin, p.name))
+
+
+class _Tables(dict):
+    """The registry: a dict that fills a kind the first time it is read."""
+
+    def __init__(self, fill: Callable[[str], dict[str, Any]]) -> None:
+        super().__init__()
+        self._fill = fill
+
+    def __missing__(self, kind: str) -> dict[str, Any]:
+        if kind not in KINDS:
+            raise KeyError(kind)
+        table = self[kind] = self._fill(kind)
+        return table
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` over one registry, read when click uses it (help, parsing, completion) rather
+    than when the command is defined, so an installed plugin's exporter or runtime is offered and
+    accepted exactly like a built-in one.
+
+    A name that is not registered raises the host's ``StillroomError`` (not click's usage error): the
+    same one line a recipe or an API call gets for the same mistake. With ``separator`` one value may
+    name several (``--runtime onnxruntime,torch``) and converts to a tuple.
+    """
+
+    def __init__(self, kind: str, separator: str | None = None) -> None:
+        self.kind, self.separator = kind, separator
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(sorted(get_host().registry[self.kind]))
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        names = (
+            [n.strip() for n in str(value).split(self.separator) if n.strip()] if self.separator else [value]
+        )
+        for name in names:
+            get_host().lookup(self.kind, str(name))
+        return tuple(names) if self.separator else value
 
 
 def _registration(kind: str, args: tuple[Any, ...]) -> tuple[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from stillroom.core.errors import StillroomError
 
@@ -53,18 +53,41 @@ class TrainConfig(Section):
 
 
 class ExportConfig(Section):
-    to: Literal["onnx", "tensorrt", "triton"] = "onnx"
-    opset: int | None = None
-    int8: bool = False
-    fp16: bool = False
-    steps: int | None = None
+    """``stillroom run``'s export stage: ``to`` names a registered exporter (checked against the
+    registry, not a fixed list, so a plugin's exporter works here too); the other keys are its
+    keyword options, as ``stillroom export`` passes them."""
+
+    to: str = Field("onnx", description="a registered exporter (`stillroom plugins` lists them)")
+    opset: int | None = Field(None, gt=0)
+    int8: bool = Field(False, description="ORT dynamic int8 quantization (CPU)")
+    fp16: bool = Field(False, description="float16 graph (GPUs)")
+    steps: int | None = Field(None, gt=0, description="models that sample in steps: re-target to K steps")
+    optimize: bool = Field(False, description="onnxruntime.transformers fusions")
+    fused: bool = Field(False, description="a graph of ORT fused ops (GroupQueryAttention, ...)")
+    last_logits: bool = Field(False, description="the vocabulary projection only where it is read")
+    weight_only: Literal["int4", "int8"] | None = Field(
+        None, description="weight-only quantisation (MatMulNBits)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="further options of the chosen exporter (e.g. TensorRT profile)"
+    )
+
+    def exporter_options(self) -> dict[str, Any]:
+        """The keyword options the exporter is called with: those the recipe sets (the exporter
+        has the same defaults) and ``options``."""
+        return {**self.model_dump(exclude={"to", "options"}, exclude_defaults=True), **self.options}
 
 
 class BenchConfig(Section):
-    runtimes: list[str] = ["onnxruntime"]
-    batch: list[int] = [1]
+    """``stillroom run``'s bench stage: the student artifact against its teacher, as ``stillroom bench``."""
+
+    runtimes: list[str] = Field(["onnxruntime"], min_length=1, description="registered runtimes")
+    batch: list[PositiveInt] = Field([1], min_length=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(10, gt=0)
+    new_tokens: int = Field(32, gt=0, description="token-by-token models: tokens per call")
+    prompt_tokens: int = Field(32, gt=0)
+    samples: int = Field(200, gt=0, description="image models: samples scored for quality")
 
 
 class Recipe(BaseModel):
@@ -190,7 +213,20 @@ def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise StillroomError("recipe key 'description' must be text", "quote it")
+    _check_registered("export.to", "exporters", [sections["export"].to])
+    _check_registered("bench.runtimes", "runtimes", sections["bench"].runtimes)
     return Recipe(description=description, method_name=method_cls.name, **sections)
+
+
+def _check_registered(dotted: str, kind: str, names: list[str]) -> None:
+    """Names that must be in a registry of the host, so a plugin's exporter or runtime is accepted."""
+    from stillroom.core.host import get_host
+
+    for name in names:
+        try:
+            get_host().lookup(kind, name)
+        except StillroomError as err:
+            raise StillroomError(f"recipe key '{dotted}': {err.message}", err.hint) from None
 
 
 def _section(prefix: str, model: type[BaseModel], value: Any) -> BaseModel:

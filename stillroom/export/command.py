@@ -1,8 +1,9 @@
-"""``stillroom export SRC --to onnx|tensorrt|triton``: the command and the registered exporters.
+"""``stillroom export SRC --to NAME``: the command and the built-in exporters (onnx, tensorrt, triton).
 
-Every exporter has the signature ``fn(src, out, **options) -> Artifact``. TensorRT and Triton start
-from an ONNX artifact: when SRC is not one already, the ONNX export (validated) is made first into
-``<out>/onnx`` and the engine or repository is built from it.
+Every exporter has the signature ``fn(src, out, **options) -> Artifact`` and ignores options it does
+not use; ``--to`` offers whatever the host has registered, a plugin's exporter included. TensorRT and
+Triton start from an ONNX artifact: when SRC is not one already, the ONNX export (validated) is made
+first into ``<out>/onnx`` and the engine or repository is built from it into ``<out>/<name>``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import click
 
+from stillroom.core.host import RegistryChoice, get_host
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +26,6 @@ def _is_artifact(path: Path) -> bool:
 
 def to_onnx(src, out, **options: Any):
     """The family that recognises ``src`` exports it (``Family.export_onnx``)."""
-    from stillroom.core.host import get_host
     from stillroom.core.source import detect
 
     source = detect(src)
@@ -61,6 +63,13 @@ def to_triton(src, out, *, name: str | None = None, instances: int = 1, max_batc
     )
 
 
+def run_exporter(src, out, to: str = "onnx", **options: Any):
+    """Clears what an interrupted export of ``out`` left, then runs the exporter registered as ``to``."""
+    exporter = get_host().exporter(to)
+    _remove_interrupted(Path(out))
+    return exporter(src, out, **options)
+
+
 def _remove_interrupted(out: Path) -> None:
     """Deletes what a killed export of ``out`` left beside it: ``.OUT.*.tmp`` staging and ``.OUT.old``."""
     parent = Path(out).parent
@@ -77,10 +86,10 @@ def _remove_interrupted(out: Path) -> None:
 @click.option(
     "--to",
     "target",
-    type=click.Choice(["onnx", "tensorrt", "triton"]),
+    type=RegistryChoice("exporters"),
     default="onnx",
     show_default=True,
-    help="What to build.",
+    help="What to build: a registered exporter.",
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
@@ -108,11 +117,7 @@ def _remove_interrupted(out: Path) -> None:
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Triton: max_batch_size.")
 def export(src: Path, target: str, out: Path, **options: Any) -> None:
     """Export SRC (a distill run, an LM directory or a generator student) as a validated artifact."""
-    from stillroom.core.host import get_host
-
-    exporter = get_host().exporter(target)
-    _remove_interrupted(out)
-    art = exporter(src, out, **options)
+    art = run_exporter(src, out, target, **options)
     v = art.manifest.validation
     summary = {k: v[k] for k in ("max_abs_diff", "tolerance", "greedy_agreement", "psnr_db") if k in v}
     log.info(

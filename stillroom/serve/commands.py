@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from stillroom.core.errors import StillroomError
+from stillroom.core.host import RegistryChoice, get_host
 
 log = logging.getLogger("stillroom")
 
@@ -39,10 +40,11 @@ def _runtime_options(
 @click.option(
     "--runtime",
     "runtimes",
+    type=RegistryChoice("runtimes", separator=","),
     multiple=True,
     default=("onnxruntime",),
     show_default=True,
-    help="Runtime(s) for the student; repeat or comma-separate (onnxruntime, torch, tensorrt).",
+    help="Registered runtime(s) for the student; repeat or comma-separate.",
 )
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
@@ -72,7 +74,7 @@ def _runtime_options(
 def bench(
     artifact: Path,
     teacher: str | None,
-    runtimes: tuple[str, ...],
+    runtimes: tuple[tuple[str, ...], ...],
     batch: str,
     warmup: int,
     repeats: int,
@@ -89,12 +91,9 @@ def bench(
 ) -> None:
     """Benchmark ARTIFACT against its teacher: latency, throughput, memory and quality side by side."""
     from stillroom.core.bench_plan import BenchSettings
-    from stillroom.core.host import get_host
     from stillroom.serve.bench import parse_batches, run_bench
 
-    names = [n.strip() for r in runtimes for n in r.split(",") if n.strip()]
-    for name in names:
-        get_host().runtime(name)  # unknown runtime: one clear line before any work
+    names = [name for group in runtimes for name in group]
     settings = BenchSettings(
         batches=parse_batches(batch),
         warmup=warmup,
@@ -116,6 +115,11 @@ def bench(
         options=options,
         teacher_options=teacher_options,
     )
+    log_report(report, out)
+
+
+def log_report(report: dict[str, Any], out: Path) -> None:
+    """What a finished benchmark says on the console: failed targets, the best speedup, the report."""
     for row in report["students"]:
         if "error" in row:
             log.error("%s [%s]: %s", row["name"], row["runtime"], row["error"])
@@ -124,7 +128,13 @@ def bench(
 
 @click.command()
 @click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--runtime", default="onnxruntime", show_default=True)
+@click.option(
+    "--runtime",
+    type=RegistryChoice("runtimes"),
+    default="onnxruntime",
+    show_default=True,
+    help="A registered runtime.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -167,7 +177,6 @@ def serve(
     threads: int | None,
 ) -> None:
     """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching."""
-    from stillroom.core.host import get_host
     from stillroom.serve.server.app import ServerSettings, create_app
     from stillroom.serve.server.run import serve_forever
 

@@ -36,6 +36,8 @@ KEYS = [
     "schedule",
     "device",
     "divergence",
+    "to",  # export.to and bench.runtimes are checked against the plugin registries
+    "runtimes",
     "x",
     "",
     "..",

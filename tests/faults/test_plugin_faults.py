@@ -40,6 +40,11 @@ def register_methods(register):
 
 
 @hookimpl
+def register_exporters(register):
+    _maybe_raise("register_exporters")
+
+
+@hookimpl
 def register_commands(cli):
     _maybe_raise("register_commands")
 
@@ -81,8 +86,13 @@ def env(site: Path, faulty: str) -> dict[str, str]:
 
 
 def start(site: Path, recipe: Path, out: Path, faulty: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([STILLROOM, "distill", str(recipe), "--out", str(out), *extra],
-                            env=env(site, faulty), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [STILLROOM, "distill", str(recipe), "--out", str(out), *extra],
+        env=env(site, faulty),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_all(site: Path, root: Path, teacher: Path, corpus: Path, hooks: list[str]):
@@ -134,12 +144,17 @@ def test_stopped_run_resumes_once_the_plugin_behaves(runs, site):
 
 
 def listed_plugins(site: Path, faulty: str, **extra: str) -> dict[str, dict]:
-    listed = subprocess.run([STILLROOM, "plugins", "--json"], env={**env(site, faulty), **extra},
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [STILLROOM, "plugins", "--json"],
+        env={**env(site, faulty), **extra},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr
     # the CLI's log handler writes warnings to stdout too (reported); the JSON list starts at "["
     out = listed.stdout
-    text = out if out.startswith("[\n") else out[out.index("\n[\n") + 1:]
+    text = out if out.startswith("[\n") else out[out.index("\n[\n") + 1 :]
     return {p["name"]: p for p in json.loads(text)}
 
 
@@ -161,3 +176,18 @@ def test_plugin_failing_to_import_is_listed_with_its_error(site):
 def test_stillroom_plugins_env_excludes_the_faulty_plugin(site, tmp_path):
     names = set(listed_plugins(site, "import", STILLROOM_PLUGINS=""))
     assert "faulty" not in names and {"lm", "export", "serve"} <= names
+
+
+def test_plugin_raising_in_register_exporters_leaves_the_built_in_choices(site):
+    """`--to` reads the registry when click renders it: the built-ins are there, the plugin's error too."""
+    helped = subprocess.run(
+        [STILLROOM, "export", "--help"],
+        env=env(site, "register_exporters"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "--to [onnx|tensorrt|triton]" in helped.stdout and "Traceback" not in helped.stderr
+    info = listed_plugins(site, "register_exporters")["faulty"]
+    assert info["error"].startswith("register_exporters: RuntimeError: injected failure")

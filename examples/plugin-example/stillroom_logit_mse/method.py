@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from stillroom.core.method import Params, StepOutput
-from stillroom.plugins.lm.base import LMMethod
+from stillroom import LMMethod, Params, StepOutput
 
 
 class LogitMSEParams(Params):
