@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from stillroom.testing import build_class_teacher, build_label_folder, build_text_teacher
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 STILLROOM = str(VENV_BIN / "stillroom")
@@ -93,3 +95,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.update(extra)
     return env
+
+
+# -- tiny diffusers teachers (class- and text-conditional) and a labelled image folder ------------
+@pytest.fixture(scope="session")
+def label_folder(tmp_path_factory) -> Path:
+    return build_label_folder(tmp_path_factory.mktemp("labels"))
+
+
+@pytest.fixture(scope="session")
+def class_teacher(tmp_path_factory) -> Path:
+    return build_class_teacher(tmp_path_factory.mktemp("class_teacher"))
+
+
+@pytest.fixture(scope="session")
+def text_teacher(tmp_path_factory) -> Path:
+    return build_text_teacher(tmp_path_factory.mktemp("text_teacher"))

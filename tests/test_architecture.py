@@ -9,7 +9,7 @@ functions (a lazy import is still a dependency). The rules:
 - ``export`` imports ``core`` and ``data``: it reaches families through the host (``Family``);
 - ``serve`` imports ``core``, ``data`` and a family's inference modules (runtime, engine, sampling,
   decode loop), never training code (methods, trainer, data pipelines) nor ``export``;
-- nothing imports the top (``cli``, ``demo``, ``testing``, ``run``) except the top.
+- nothing imports the top (``cli``, ``demo``, ``pipeline``, ``testing``) except the top.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TOP = {
     "stillroom.demo",
     "stillroom.testing",
     "stillroom.__main__",
-    "stillroom.run",
+    "stillroom.pipeline",
 }
 SERVE_MAY_USE = {"runtime", "engine", "sampling", "decode_loop"}
 

@@ -11,7 +11,7 @@ from stillroom.plugins.diffusion import sampler as gen
 from stillroom.plugins.diffusion.base import score_distillation_loss
 from stillroom.plugins.diffusion.methods.dmd2 import dmd_gradient
 from stillroom.plugins.diffusion.methods.progressive import progressive_target
-from tests.test_diffusion_fixtures import class_teacher, diffusion_recipe, label_folder  # noqa: F401
+from tests.test_diffusion_fixtures import diffusion_recipe
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 
@@ -167,7 +167,7 @@ def test_hybrid_sampler_hands_over_at_the_right_noise_level():
     assert not torch.allclose(student.calls[0][1], noise)
 
 
-def test_snoopi_scale_is_drawn_per_step_within_range(tmp_path, class_teacher, label_folder):  # noqa: F811
+def test_snoopi_scale_is_drawn_per_step_within_range(tmp_path, class_teacher, label_folder):
     from stillroom.core import recipe as recipes
     from stillroom.core.trainer import Trainer
 

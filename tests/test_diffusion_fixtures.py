@@ -1,27 +1,8 @@
-"""Tiny diffusers teachers built from configs (class- and text-conditional) for the diffusion tests."""
+"""The recipe the diffusion tests train with, and a check that the tiny teachers (tests/conftest.py) load."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
-
-from stillroom.testing import build_class_teacher, build_label_folder, build_text_teacher
-
-
-@pytest.fixture(scope="session")
-def label_folder(tmp_path_factory) -> Path:
-    return build_label_folder(tmp_path_factory.mktemp("labels"))
-
-
-@pytest.fixture(scope="session")
-def class_teacher(tmp_path_factory) -> Path:
-    return build_class_teacher(tmp_path_factory.mktemp("class_teacher"))
-
-
-@pytest.fixture(scope="session")
-def text_teacher(tmp_path_factory) -> Path:
-    return build_text_teacher(tmp_path_factory.mktemp("text_teacher"))
 
 
 def diffusion_recipe(method: dict, teacher: Path, data: dict, student: dict | None = None, **train):
@@ -45,7 +26,7 @@ def diffusion_recipe(method: dict, teacher: Path, data: dict, student: dict | No
     }
 
 
-def test_fixture_teachers_load(class_teacher, text_teacher):  # noqa: F811
+def test_fixture_teachers_load(class_teacher, text_teacher):
     from stillroom.plugins.diffusion.models import load_teacher
 
     c = load_teacher(str(class_teacher))

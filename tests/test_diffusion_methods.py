@@ -11,12 +11,7 @@ from stillroom.core import recipe as recipes
 from stillroom.core.trainer import Trainer
 from stillroom.plugins.diffusion.sampler import load_generator
 from stillroom.testing import build_caption_folder
-from tests.test_diffusion_fixtures import (  # noqa: F401 - fixtures
-    class_teacher,
-    diffusion_recipe,
-    label_folder,
-    text_teacher,
-)
+from tests.test_diffusion_fixtures import diffusion_recipe
 
 
 def run(tmp_path, data, name="run"):
@@ -46,7 +41,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_generator(
     class_teacher,
     label_folder,
     method,
-    key,  # noqa: F811
+    key,
 ):
     data = diffusion_recipe(
         method, class_teacher, {"source": str(label_folder)}, steps=40, lr=3e-3, batch_size=8
@@ -77,7 +72,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_generator(
         {"name": "vsd", "critic": "lora", "lora_rank": 2},
     ],
 )
-def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):  # noqa: F811
+def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):
     folder = build_caption_folder(tmp_path / "captions")
     data = diffusion_recipe(method, text_teacher, {"source": str(folder)}, steps=2, batch_size=2)
     student, rows = run(tmp_path, data)
@@ -97,7 +92,7 @@ def test_tiny_text_pipeline_trains_two_steps(tmp_path, text_teacher, method):  #
 def test_student_init_starts_from_a_distilled_student_and_refuses_mismatches(
     tmp_path,
     class_teacher,
-    label_folder,  # noqa: F811
+    label_folder,
 ):
     from safetensors.torch import load_file
 
