@@ -11,7 +11,8 @@ import click
 import pytest
 
 from stillroom.core.errors import StillroomError
-from stillroom.core.host import Host, RegistryChoice, get_host
+from stillroom.core.host import Host, get_host
+from stillroom.core.registry_choice import RegistryChoice
 
 
 def fake_dist(root: Path, name: str, module_source: str) -> None:

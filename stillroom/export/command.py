@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from stillroom.core.host import RegistryChoice, get_host
+from stillroom.core.host import get_host
+from stillroom.core.registry_choice import RegistryChoice
 
 log = logging.getLogger(__name__)
 

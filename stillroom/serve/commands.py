@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from stillroom.core.errors import StillroomError
-from stillroom.core.host import RegistryChoice, get_host
+from stillroom.core.host import get_host
+from stillroom.core.registry_choice import RegistryChoice
 
 log = logging.getLogger("stillroom")
 
