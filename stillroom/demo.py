@@ -94,7 +94,7 @@ class Demo:
         """Exports into artifacts/NAME with the registered ONNX exporter, as `stillroom export` does."""
         return pipeline.export_stage(student, self.out / "artifacts" / name, name, "onnx", **options).root
 
-    def bench(self, kind: str, targets: list, batches: list[int], heldout: str | None) -> dict[str, Any]:
+    def bench(self, kind: str, targets: list, batches: list[int]) -> dict[str, Any]:
         """Benchmarks every target of one kind together into bench/KIND."""
         from stillroom.core.bench_plan import BenchSettings
         from stillroom.serve.bench import benchmark
@@ -109,9 +109,7 @@ class Demo:
             grid_images=16,
         )
         label = f"{kind}: {', '.join(t.label for t in targets)}"
-        return pipeline.bench_stage(
-            where, label, lambda: benchmark(targets, settings, where, heldout=heldout)
-        )
+        return pipeline.bench_stage(where, label, lambda: benchmark(targets, settings, where))
 
     def _timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -122,7 +120,6 @@ class Demo:
     # -- the whole thing --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from stillroom.core.bench_plan import Target
-        from stillroom.serve.bench import heldout_text
 
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -155,16 +152,14 @@ class Demo:
         ]
         gen_targets += [Target(name, "onnxruntime", str(path)) for name, path in artifacts.items()]
         gen_report = self._timed(
-            "bench generators", self.bench, "generator", gen_targets, self.plan.generator_batches, ""
+            "bench generators", self.bench, "generator", gen_targets, self.plan.generator_batches
         )
         lm_targets = [
             Target("teacher", "torch", "embedded:lm_teacher", role="teacher"),
             Target("shakespeare-lm", "onnxruntime", str(lm_art)),
             Target("shakespeare-lm-int8", "onnxruntime", str(lm_int8)),
         ]
-        lm_report = self._timed(
-            "bench lm", self.bench, "causal-lm", lm_targets, self.plan.lm_batches, heldout_text(lm_art)
-        )
+        lm_report = self._timed("bench lm", self.bench, "causal-lm", lm_targets, self.plan.lm_batches)
         summary = summarize([gen_report, lm_report])
         self.timings["total"] = round(time.perf_counter() - started, 1)
         combined = {

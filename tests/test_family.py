@@ -8,6 +8,7 @@ table of known kinds.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from stillroom.core.artifact import Manifest, write_manifest
 from stillroom.core.bench_plan import BenchSettings, Target
 from stillroom.core.family import Family
 from stillroom.core.hookspecs import hookimpl
+from stillroom.core.host import get_host
 from stillroom.plugins.diffusion.family import GeneratorFamily
 from stillroom.plugins.lm.family import CausalLMFamily
 
@@ -99,16 +101,16 @@ def test_lm_bench_inputs_default_to_the_embedded_corpus(tmp_path):
     assert (tmp_path / "heldout.txt").read_text() == (root() / "shakespeare" / "valid.txt").read_text()
 
 
-def test_serve_heldout_text_asks_the_artifacts_family(tmp_path):
-    from stillroom.serve.bench import heldout_text
-
+def test_bench_inputs_follow_the_artifacts_family(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "valid.txt").write_text("held-out text\n")
     lm = _artifact(tmp_path / "lm", "causal-lm", {"recipe": {"data": {"source": str(corpus)}}})
-    assert heldout_text(lm) == "held-out text\n"
+    family = get_host().family_of_kind("causal-lm")
+    inputs = family.bench_inputs(lm, tmp_path / "lm-work")
+    assert Path(inputs["heldout"]).read_text() == "held-out text\n"
     generator = _artifact(tmp_path / "gen", "generator", {"sampler": {"steps": 1}})
-    assert heldout_text(generator) == ""
+    assert get_host().family_of_kind("generator").bench_inputs(generator, tmp_path / "gen-work") == {}
 
 
 # -- a family serve/ has never heard of ---------------------------------------------------------------

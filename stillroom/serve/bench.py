@@ -16,7 +16,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,11 @@ from stillroom.core import artifact as artifacts
 from stillroom.core.bench_plan import BenchSettings, Target, student_card
 from stillroom.core.errors import StillroomError
 from stillroom.core.family import Family
-from stillroom.core.fsio import write_json, write_text
+from stillroom.core.fsio import write_json
 from stillroom.core.host import get_host
 from stillroom.data import resolve
 
 log = logging.getLogger(__name__)
-# The bench_inputs key of a held-out text file, for the callers that still hand the text over
-# themselves (``benchmark(heldout=...)``, ``heldout_text``); new code lets the family read it.
-HELDOUT = "heldout"
 RESERVED = ("target", "settings")  # job keys that bench_inputs may not take
 
 
@@ -43,14 +39,6 @@ def default_teacher(artifact_dir: str | Path) -> Target | None:
     if not spec:
         return None
     return Target(name="teacher", runtime="torch", spec=str(spec), role="teacher")
-
-
-def heldout_text(artifact_dir: str | Path) -> str:
-    """The held-out text the artifact's family benchmarks it on ("" for a family that reads none)."""
-    family = get_host().family_of_kind(artifacts.read_manifest(Path(artifact_dir)).kind)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = family.bench_inputs(Path(artifact_dir), Path(tmp)).get(HELDOUT)
-        return Path(path).read_text(encoding="utf-8") if path else ""
 
 
 def parse_batches(text: str) -> list[int]:
@@ -218,14 +206,11 @@ def benchmark(
     targets: list[Target],
     settings: BenchSettings,
     out: str | Path,
-    heldout: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Measures every target in its own process and writes the report files into ``out``.
 
-    The family's ``bench_inputs`` follow the first student artifact among the targets. ``heldout``
-    (for callers that read the held-out text themselves) replaces the text such a family would read;
-    a family that reads none ignores it.
+    The family's ``bench_inputs`` follow the first student artifact among the targets.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,8 +221,6 @@ def benchmark(
             f"family '{family.name}' returned bench inputs named {sorted(taken)}, which the job uses",
             "rename them in the family's bench_inputs",
         )
-    if heldout is not None and HELDOUT in inputs:
-        write_text(Path(inputs[HELDOUT]), heldout)
     results = [
         (target, _run_target(target, settings, out / "work" / f"{i:02d}-{target.role}", inputs))
         for i, target in enumerate(targets)
