@@ -191,6 +191,7 @@ def run(recipe: recipes.Recipe, out: str | Path, resume: bool = False) -> RunRes
             new_tokens=b.new_tokens,
             prompt_tokens=b.prompt_tokens,
             quality_samples=b.samples,
+            metrics=b.metrics,
         ),
     )
     return RunResult(student, art, report)

@@ -215,3 +215,61 @@ def test_format_value():
     assert format_value(None) == "-" and format_value(7) == "7" and format_value("x") == "x"
     assert format_value(3.14159) == "3.14" and format_value(3.14159, 4) == "3.142"
     assert format_value(123456.7) == "123457"
+
+
+# -- quality comes from the registered metrics ----------------------------------------------------------
+class ToyModel:
+    kind, provider, device = "toy-kind", "cpu", "cpu"
+
+
+class MeasuredToyFamily(ToyFamily):
+    def claims(self, path):
+        return True
+
+    def bench(self, model, job, settings, out):
+        return {"timing": [{"batch": b} for b in settings.batches]}
+
+
+class MeasuredToyPlugin:
+    @hookimpl
+    def register_families(self, register):
+        register(MeasuredToyFamily)
+
+    @hookimpl
+    def register_runtimes(self, register):
+        register("toy-runtime", lambda spec, name=None, **options: ToyModel())
+
+    @hookimpl
+    def register_metrics(self, register):
+        def error_rate(model, job, settings, out):
+            assert isinstance(model, ToyModel) and job["target"]["spec"] == "anything"
+            return {"quality": {"error_rate": 0.25}, "notes": "set by the metric"}
+
+        register("error_rate", error_rate)
+        register("extra", lambda model, job, settings, out: {"quality": {"extra": 1.0}})
+
+
+def _run_worker(tmp_path, metrics):
+    from stillroom.serve.bench_worker import run_job
+
+    job = tmp_path / "job.json"
+    target = Target("small", "toy-runtime", "anything")
+    job.write_text(
+        json.dumps({"target": target.__dict__, "settings": BenchSettings(metrics=metrics).as_json()})
+    )
+    run_job(job)
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def test_bench_worker_runs_the_family_metric_or_the_ones_asked_for(monkeypatch, tmp_path):
+    host = hostmod.Host()
+    host.register(MeasuredToyPlugin(), "measured-toy")
+    monkeypatch.setattr(hostmod, "_HOST", host)
+
+    default = _run_worker(tmp_path, [])
+    assert default["quality"] == {"error_rate": 0.25} and default["notes"] == "set by the metric"
+    assert [row["batch"] for row in default["timing"]] == [1, 8]
+    both = _run_worker(tmp_path, ["error_rate", "extra"])
+    assert both["quality"] == {"error_rate": 0.25, "extra": 1.0}
+    unknown = _run_worker(tmp_path, ["nope"])
+    assert unknown == {"error": unknown["error"]} and "unknown metric 'nope'" in unknown["error"]

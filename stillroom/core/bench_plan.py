@@ -47,6 +47,8 @@ class BenchSettings:
     grid_images: int = 16
     seed: int = 0
     timeout_s: float = 1800.0
+    # registered quality metrics run on every target; empty: the family's own ``metric``
+    metrics: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -87,12 +87,13 @@ class Family:
         return {}
 
     def bench(self, model: Any, job: dict[str, Any], settings: Any, out: Path) -> dict[str, Any]:
-        """Timing rows and quality of a loaded ``model`` (``settings``: ``core.bench_plan.BenchSettings``).
-
-        Returns ``{"timing": [row per batch size], "quality": {...}, ...}``: other keys (e.g. sample
-        text) stay on the target's report rows. Arrays saved as ``out/NAME.npy`` are handed to
-        ``compare`` and the report as ``result["arrays"][NAME]`` (their path) and kept out of
-        report.json; the report draws one named ``grid`` (images [N, C, H, W] in [-1, 1]).
+        """Timing rows of a loaded ``model`` (``settings``: ``core.bench_plan.BenchSettings``):
+        ``{"timing": [row per batch size], ...}``. Quality comes from the registered metrics
+        (``register_metrics``; by default this family's ``metric``), called after it in the same
+        process. Keys of either result stay on the target's report rows; arrays saved as
+        ``out/NAME.npy`` are handed to ``compare`` and the report as ``result["arrays"][NAME]`` (their
+        path) and kept out of report.json; the report draws one named ``grid`` (images [N, C, H, W] in
+        [-1, 1]).
         """
         raise NotImplementedError(f"family {self.name!r} must implement bench()")
 

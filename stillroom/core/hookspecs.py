@@ -34,7 +34,12 @@ def register_runtimes(register):
 
 @hookspec
 def register_metrics(register):
-    """Register quality metrics: `register(name, metric_fn)` (`stillroom eval` and bench use them)."""
+    """Register quality metrics: `register(name, fn)`, `fn(model, job, settings, out) -> dict`.
+
+    Bench calls it in the target's process on the model a runtime loaded; it returns
+    `{"quality": {...}, ...}` merged into the target's result (arrays it saves in `out` as NAME.npy go
+    to the family's `compare` and the report). A family's `metric` names the one bench runs by default.
+    """
 
 
 @hookspec

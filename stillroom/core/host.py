@@ -151,8 +151,12 @@ class Host:
         return self.lookup("metrics", name)
 
     def families(self) -> list[Any]:
-        """Every registered family (a ``stillroom.core.family.Family`` instance), by name."""
-        return [self.registry["families"][n] for n in sorted(self.registry["families"])]
+        """Every registered family (a ``stillroom.core.family.Family`` instance): installed plugins'
+        first, then the built-ins, each by name, so a plugin's family is asked before a built-in one
+        that claims broadly (e.g. every spec that is not a local path, taken as a hub id)."""
+        table = self.registry["families"]
+        builtin = {n for info in self.plugins.values() if info.builtin for n in info.families}
+        return [table[n] for n in sorted(table, key=lambda n: (n in builtin, n))]
 
     def family_of_kind(self, kind: str, where: str = "") -> Any:
         """The family whose artifacts have ``kind`` (``where``: the manifest that says so, for errors)."""

@@ -88,6 +88,7 @@ class BenchConfig(Section):
     new_tokens: int = Field(32, gt=0, description="token-by-token models: tokens per call")
     prompt_tokens: int = Field(32, gt=0)
     samples: int = Field(200, gt=0, description="image models: samples scored for quality")
+    metrics: list[str] = Field([], description="registered quality metrics (default: the family's own)")
 
 
 class Recipe(BaseModel):
@@ -215,6 +216,7 @@ def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
         raise StillroomError("recipe key 'description' must be text", "quote it")
     _check_registered("export.to", "exporters", [sections["export"].to])
     _check_registered("bench.runtimes", "runtimes", sections["bench"].runtimes)
+    _check_registered("bench.metrics", "metrics", sections["bench"].metrics)
     return Recipe(description=description, method_name=method_cls.name, **sections)
 
 

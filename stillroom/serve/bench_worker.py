@@ -44,6 +44,10 @@ def run_job(job_path: Path) -> int:
             "device": model.device,
         }
         result.update(family.bench(model, job, settings, out))
+        for name in settings.metrics or [family.metric]:
+            figures = host.metric(name)(model, job, settings, out)
+            result.setdefault("quality", {}).update(figures.pop("quality", {}))
+            result.update(figures)
         result.update(peak_memory())
     except StillroomError as err:
         write_json(out / "result.json", {"error": str(err)})

@@ -61,6 +61,13 @@ def _runtime_options(
     type=click.IntRange(1),
     help="Generators: images scored for quality.",
 )
+@click.option(
+    "--metric",
+    "metrics",
+    type=RegistryChoice("metrics", separator=","),
+    multiple=True,
+    help="Registered quality metric(s) to run (default: the family's own); repeat or comma-separate.",
+)
 @click.option("--teacher-steps", type=click.IntRange(1), help="Diffusion teachers: DDIM steps (default 50).")
 @click.option(
     "--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), help="onnxruntime provider."
@@ -82,6 +89,7 @@ def bench(
     new_tokens: int,
     prompt_tokens: int,
     samples: int,
+    metrics: tuple[tuple[str, ...], ...],
     teacher_steps: int | None,
     provider: str | None,
     allow_fallback: bool,
@@ -102,6 +110,7 @@ def bench(
         new_tokens=new_tokens,
         prompt_tokens=prompt_tokens,
         quality_samples=samples,
+        metrics=[name for group in metrics for name in group],
     )
     options = _runtime_options(provider, allow_fallback, threads, device, compile_)
     teacher_options = {"steps": teacher_steps} if teacher_steps else {}

@@ -17,11 +17,11 @@ def register_families(register):
 
 @hookimpl
 def register_metrics(register):
-    def fid_like(*args, **kwargs):
-        """FID-like, class accuracy, diversity and recall of MNIST-scale images (``evaluate_images``)."""
-        from stillroom.plugins.diffusion.metrics import evaluate_images
+    def fid_like(model, job, settings, out):
+        """FID-like, class accuracy, diversity and recall of a loaded generator's samples."""
+        from stillroom.plugins.diffusion.bench import fid_like as measure
 
-        return evaluate_images(*args, **kwargs)
+        return measure(model, job, settings, out)
 
     register("fid_like", fid_like)
 

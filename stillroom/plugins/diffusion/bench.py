@@ -48,7 +48,14 @@ def generate_quality_images(
 
 
 def bench(model, job: dict[str, Any], settings: BenchSettings, out: Path) -> dict[str, Any]:
-    timing = [time_generator(model, settings, b) for b in settings.batches]
+    """``Family.bench``: one timing row per batch size."""
+    return {"timing": [time_generator(model, settings, b) for b in settings.batches]}
+
+
+def fid_like(model, job: dict[str, Any], settings: BenchSettings, out: Path) -> dict[str, Any]:
+    """The ``fid_like`` metric: ``quality_samples`` images from seeded noise (the same for every
+    model) scored by ``metrics.evaluate_images`` (FID-like, class accuracy, diversity, recall), and a
+    sample grid (``grid.npy``)."""
     n = settings.quality_samples
     noise = model.noise(n, settings.seed + 1)
     labels = (np.arange(n) % model.num_classes) if model.conditioning == "class" else None
@@ -67,4 +74,4 @@ def bench(model, job: dict[str, Any], settings: BenchSettings, out: Path) -> dic
             quality["error"] = str(err)
     else:
         quality["note"] = "image metrics need class-conditional 1x28x28 (MNIST-scale) images"
-    return {"timing": timing, "quality": quality}
+    return {"quality": quality}

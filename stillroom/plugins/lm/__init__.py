@@ -13,11 +13,11 @@ def register_families(register):
 
 @hookimpl
 def register_metrics(register):
-    def perplexity(*args, **kwargs):
-        """Held-out perplexity and top-1 agreement of a causal LM (``metrics.evaluate_lm``)."""
-        from stillroom.plugins.lm.metrics import evaluate_lm
+    def perplexity(model, job, settings, out):
+        """Held-out perplexity, argmax predictions and continuations of a loaded causal LM."""
+        from stillroom.plugins.lm.bench import perplexity as measure
 
-        return evaluate_lm(*args, **kwargs)
+        return measure(model, job, settings, out)
 
     register("perplexity", perplexity)
 

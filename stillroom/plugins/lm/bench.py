@@ -102,14 +102,15 @@ def _fingerprint(tokenizer) -> str:
 
 
 def bench(model, job: dict[str, Any], settings: BenchSettings, out: Path) -> dict[str, Any]:
-    timing = [time_lm(model, settings, b) for b in settings.batches]
+    """``Family.bench``: one timing row per batch size."""
+    return {"timing": [time_lm(model, settings, b) for b in settings.batches]}
+
+
+def perplexity(model, job: dict[str, Any], settings: BenchSettings, out: Path) -> dict[str, Any]:
+    """The ``perplexity`` metric: held-out perplexity, argmax predictions (``argmax.npy``, for top-1
+    agreement with the teacher) and greedy continuations of the bench prompts."""
     blocks = _heldout_blocks(model, Path(job["heldout"]).read_text(encoding="utf-8"), settings)
     quality = lm_quality_inputs(model, blocks, settings)
     np.save(out / "argmax.npy", quality.pop("argmax"))
     continuations = quality.pop("continuations")
-    return {
-        "timing": timing,
-        "quality": quality,
-        "continuations": continuations,
-        "tokenizer": _fingerprint(model.tokenizer),
-    }
+    return {"quality": quality, "continuations": continuations, "tokenizer": _fingerprint(model.tokenizer)}
