@@ -10,7 +10,8 @@ through the host (``register_families``) and call these methods:
     artifact = get_host().family_of_kind(source.kind).export_onnx(path, out, **options)
     model = get_host().family_for_target(target).load("onnxruntime", target)
     inputs = family.bench_inputs(artifact_dir, workdir)   # once per benchmark, shared by every target
-    result = family.bench(model, {**inputs, "target": ..., "settings": ...}, settings, out)
+    result = family.bench(model, {**inputs, "target": ..., "settings": ...}, settings, out)  # timing
+    result["quality"] = get_host().metric(family.metric)(model, job, settings, out)["quality"]
     row["quality"].update(family.compare(teacher_result, student_result))
     columns = family.quality_keys                         # the report's quality columns
 """
@@ -47,7 +48,6 @@ class Family:
     kind: ClassVar[str] = ""  # the artifact kind its exporter writes and its runtimes read
     metric: ClassVar[str] = ""  # its primary quality metric in bench reports (lower is better)
     quality_keys: ClassVar[tuple[str, ...]] = ()  # bench report columns, ``metric`` first
-    runtimes: ClassVar[tuple[str, ...]] = ()  # runtime names ``load`` accepts
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

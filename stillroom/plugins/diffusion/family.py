@@ -15,7 +15,6 @@ class GeneratorFamily(Family):
     kind = "generator"
     metric = "fid_like"
     quality_keys = ("fid_like", "class_accuracy", "diversity", "recall")
-    runtimes = ("torch", "onnxruntime", "tensorrt")
 
     def detect(self, path: Path) -> Source | None:
         """A generator student (``stillroom.json`` with a ``sampler``, ``unet/``)."""

@@ -17,7 +17,6 @@ class CausalLMFamily(Family):
     kind = "causal-lm"
     metric = "perplexity"
     quality_keys = ("perplexity", "top1_agreement")
-    runtimes = ("torch", "onnxruntime", "tensorrt")
 
     def detect(self, path: Path) -> Source | None:
         """A transformers causal-LM directory (``config.json``), a stillroom LM student or a plain one."""
