@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, STILLROOM, cli_env, lm_recipe
@@ -82,3 +83,33 @@ def test_example_plugin_installs_and_trains(tmp_path, tiny_teacher, corpus_dir, 
     mse = [r["mse"] for r in rows if "mse" in r]
     assert len(mse) == 8 and mse[-1] < mse[0]
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["method"]["name"] == "logit-mse"
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    from stillroom.cli import cli
+    from stillroom.core.host import get_host
+
+    get_host().add_commands(cli)
+    missing = [
+        f"{name} {'/'.join(p.opts)}"
+        for name, command in sorted(cli.commands.items())
+        for p in command.params
+        if isinstance(p, click.Option) and not p.help
+    ]
+    assert set(cli.commands) >= {"distill", "run", "export", "bench", "serve", "demo", "plugins"}
+    assert not missing, missing
+
+
+def test_serve_without_the_http_stack_names_the_extra(tmp_path, monkeypatch, capsys):
+    from stillroom.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the serve extra were not installed
+    for module in [m for m in sys.modules if m.startswith("stillroom.serve.server")]:
+        monkeypatch.delitem(sys.modules, module)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert "pip install 'stillroom[serve]'" in err and "fastapi" in err

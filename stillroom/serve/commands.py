@@ -48,12 +48,22 @@ def _runtime_options(
     help="Registered runtime(s) for the student; repeat or comma-separate.",
 )
 @click.option("--batch", "batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
-@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--warmup", default=2, show_default=True, type=click.IntRange(0), help="Untimed calls before timing."
+)
+@click.option(
+    "--repeats", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per batch size."
+)
 @click.option(
     "--new-tokens", default=32, show_default=True, type=click.IntRange(1), help="LMs: tokens per call."
 )
-@click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--prompt-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Token-by-token models: prompt length of the timed calls.",
+)
 @click.option(
     "--samples",
     default=200,
@@ -146,15 +156,39 @@ def log_report(report: dict[str, Any], out: Path) -> None:
     help="A registered runtime.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port (0: any free one).",
+)
 @click.option(
     "--api-key",
     envvar="STILLROOM_API_KEY",
     help="Require 'Authorization: Bearer KEY' (or set STILLROOM_API_KEY).",
 )
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0, 10_000))
-@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Most requests run together in one batch.",
+)
+@click.option(
+    "--max-wait-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, 10_000),
+    help="How long a request waits for others to batch with.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=1 << 20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Larger request bodies are refused (413).",
+)
 @click.option(
     "--timeout",
     "timeout_s",
@@ -163,12 +197,18 @@ def log_report(report: dict[str, Any], out: Path) -> None:
     type=click.FloatRange(0.1),
     help="Per-request timeout in seconds.",
 )
-@click.option("--max-tokens-limit", default=512, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-tokens-limit",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest max_tokens a request may ask for.",
+)
 @click.option("--name", help="Model id in the API (default: the artifact directory name).")
 @click.option(
     "--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), help="onnxruntime provider."
 )
-@click.option("--allow-fallback", is_flag=True)
+@click.option("--allow-fallback", is_flag=True, help="Accept onnxruntime falling back to another provider.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
 def serve(
     artifact: Path,
@@ -187,8 +227,14 @@ def serve(
     threads: int | None,
 ) -> None:
     """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching."""
-    from stillroom.serve.server.app import ServerSettings, create_app
-    from stillroom.serve.server.run import serve_forever
+    try:
+        from stillroom.serve.server.app import ServerSettings, create_app
+        from stillroom.serve.server.run import serve_forever
+    except ImportError as err:  # fastapi / uvicorn come with the serve extra, not the base install
+        raise StillroomError(
+            f"stillroom serve needs the HTTP stack, which is not installed ({err.name})",
+            "pip install 'stillroom[serve]'",
+        ) from None
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning(

@@ -107,7 +107,9 @@ def evaluate_dir(
 @click.option("--seq-len", type=int, default=None, help="Block length (default: the run's).")
 @click.option("--tokens", type=int, default=8192, show_default=True, help="Held-out tokens.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Generated samples to show.")
-@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="torch device: auto, cpu, cuda, cuda:N or mps."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def eval_command(
     target: Path,
