@@ -18,5 +18,7 @@ def register_exporters(register):
 @hookimpl
 def register_commands(cli):
     from stillroom.export.command import export
+    from stillroom.export.inspect import inspect_artifact
 
     cli.add_command(export)
+    cli.add_command(inspect_artifact)

@@ -1,0 +1,173 @@
+"""``stillroom inspect ARTIFACT``: what an exported artifact holds, read from its manifest.
+
+The summary is built from the manifest alone, section by section as the manifest has them (a
+sampler spec, geometry the exporter put under ``extra``), so a new family's artifacts show up
+without this module naming any family. Sizes come from the manifest's ``files`` entries, which
+``artifact.load`` has checked against the disk unless ``--no-verify`` skips the hashing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXTERNAL_DATA = ".data"  # a graph's external weights sit beside it as GRAPH.data (core.onnx_export)
+
+
+def summarize(art: Any) -> dict[str, Any]:
+    """The computed figures ``--json`` adds to the manifest: family, total and per-graph bytes."""
+    from stillroom.core.errors import StillroomError
+    from stillroom.core.host import get_host
+
+    manifest = art.manifest
+    sizes = {entry.path: entry.bytes for entry in manifest.files}
+    try:
+        family = get_host().family_of_kind(manifest.kind).name
+    except StillroomError:  # inspecting is how one finds out which plugin an artifact needs
+        family = None
+    return {
+        "path": str(art.root),
+        "family": family,
+        "files_count": len(manifest.files),
+        "files_bytes": sum(sizes.values()),
+        "graph_bytes": {
+            name: sizes.get(rel, 0) + sizes.get(rel + EXTERNAL_DATA, 0)
+            for name, rel in manifest.graphs.items()
+        },
+    }
+
+
+def _size(n: int) -> str:
+    """Bytes a reader can compare at a glance, with the exact count that ``--json`` and the manifest give."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.1f} {unit} ({n:,} B)"
+
+
+def _value(value: Any) -> str:
+    """One cell: floats to 4 significant digits, containers as compact JSON, None as a dash; escaped,
+    since manifest text such as a shape's ``[batch_size, ...]`` would otherwise read as rich markup."""
+    from rich.markup import escape
+
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return escape(json.dumps(value, separators=(", ", ": ")))
+    return escape(str(value))
+
+
+def _pairs(title: str, rows: list[tuple[str, str]]):
+    """A key/value table; keys come from the manifest, values are markup already escaped by ``_value``."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, text in rows:
+        table.add_row(_value(key), text)
+    return table
+
+
+def _tensors(title: str, specs: list[Any]):
+    from rich.table import Table
+
+    table = Table("name", "dtype", "shape", title=title, title_justify="left")
+    for spec in specs:
+        table.add_row(
+            _value(spec.name), _value(spec.dtype), _value("[" + ", ".join(map(str, spec.shape)) + "]")
+        )
+    return table
+
+
+def _validation_rows(validation: dict[str, Any]) -> list[tuple[str, str]]:
+    """``passed`` first, then the scalar figures; per-sample lists and nested reports are for --json,
+    except the names of the stages that were validated (fp32, then fp16 / int8 when exported)."""
+    passed = validation.get("passed")
+    rows = [("passed", "[green]yes" if passed else "[red]no" if passed is not None else "—")]
+    for key, value in validation.items():
+        if key == "stages" and isinstance(value, dict):
+            rows.append((key, _value(", ".join(value))))
+        elif key != "passed" and not isinstance(value, (list, dict)):
+            rows.append((key, _value(value)))
+    return rows
+
+
+def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
+    """The rich renderables of the summary, in reading order; sections the manifest lacks are left out."""
+    from rich.panel import Panel
+
+    m = art.manifest
+    family = _value(summary["family"]) if summary["family"] else "[yellow]no installed family reads it"
+    overview = [
+        ("kind", _value(m.kind)),
+        ("family", family),
+        ("format", _value(m.format)),
+        ("exporter", _value(m.exporter or None)),
+        ("precision", _value(m.precision)),
+        ("variant", _value(m.variant or None)),
+        ("tokenizer", _value(m.tokenizer)),
+        ("files", f"{summary['files_count']}, {_size(summary['files_bytes'])}"),
+        ("sha256", "verified" if verified else "[yellow]not checked (--no-verify)"),
+    ]
+    title = f"artifact {_value(str(art.root))}"
+    parts: list[Any] = [Panel(_pairs("", overview), title=title, title_align="left", expand=False)]
+    if m.graphs:
+        from rich.table import Table
+
+        graphs = Table("graph", "file", "size", title="graphs", title_justify="left")
+        for name, rel in m.graphs.items():
+            graphs.add_row(_value(name), _value(rel), _size(summary["graph_bytes"][name]))
+        parts.append(graphs)
+    parts += [
+        _tensors(title, specs) for title, specs in (("inputs", m.inputs), ("outputs", m.outputs)) if specs
+    ]
+    if m.sampler:
+        parts.append(_pairs("sampler", [(k, _value(v)) for k, v in m.sampler.items()]))
+    nested = {k: v for k, v in m.extra.items() if isinstance(v, dict)}
+    for key, section in nested.items():  # e.g. an LM's KV-cache geometry under extra["cache"]
+        parts.append(_pairs(key, [(k, _value(v)) for k, v in section.items()]))
+    flat = [(k, _value(v)) for k, v in m.extra.items() if k not in nested]
+    if flat:
+        parts.append(_pairs("extra", flat))
+    if m.validation:
+        parts.append(_pairs("validation", _validation_rows(m.validation)))
+    provenance = [(f"source.{k}", _value(v)) for k, v in m.source.items()]
+    provenance += [(f"versions.{k}", _value(v)) for k, v in m.versions.items()]
+    if provenance:
+        parts.append(_pairs("provenance", provenance))
+    return parts
+
+
+@click.command("inspect")
+@click.argument("artifact_dir", metavar="ARTIFACT", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest, sizes and family as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file (fast on big graphs).")
+def inspect_artifact(artifact_dir: Path, as_json: bool, no_verify: bool) -> None:
+    """Summarize an exported ARTIFACT: graphs, inputs and outputs, validation, provenance, sizes."""
+    from stillroom.core import artifact
+
+    art = artifact.load(artifact_dir, verify=not no_verify)
+    summary = summarize(art)
+    if as_json:
+        click.echo(json.dumps({**summary, "manifest": art.manifest.model_dump(mode="json")}, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: keep long tensor names and shapes on one line
+        console = Console(width=120)
+    for part in render(art, summary, verified=not no_verify):
+        console.print(part)
+        console.print()
