@@ -35,3 +35,14 @@ def register_methods(register):
 
     for method in (Progressive, Consistency, DMD2, VSD):
         register(method)
+
+
+@hookimpl
+def register_exporters(register):
+    def diffusers_folder(src, out, **options):
+        """A diffusers pipeline folder (``DiffusionPipeline.from_pretrained``) of a generator student."""
+        from stillroom.plugins.diffusion.export_diffusers import export_diffusers
+
+        return export_diffusers(src, out, **options)
+
+    register("diffusers", diffusers_folder)

@@ -1,0 +1,176 @@
+"""A stillroom few-step generator student as a diffusers pipeline (copied as ``pipeline.py``).
+
+``stillroom export RUN --to diffusers`` copies this file's text, unchanged, into the exported folder,
+so it imports only torch, numpy and diffusers: the folder must load where stillroom is not installed,
+
+    DiffusionPipeline.from_pretrained(D, custom_pipeline=str(D), trust_remote_code=True)
+
+Everything that differs between students lives in the folder's configs, never in this file (diffusers
+caches custom pipeline modules by file name, so one text serves every export):
+
+    unet/        the student's UNet2DModel
+    scheduler/   a DDIMScheduler config: the noise schedule (abar_t), the student's ``prediction_type``
+                 and ``timestep_spacing="trailing"``, whose grid for the distilled step count is exactly
+                 the timesteps the student was distilled for (the exporter checks this)
+    model_index.json  also this pipeline's own config: ``num_inference_steps`` (the distilled K),
+                 ``conditioning`` ("class" or null), ``guidance_scale``, ``null_class``, ``boundary``
+
+The sampler is stillroom's ``FewStepGenerator`` (``stillroom/plugins/diffusion/sampler.py``), step for
+step. From x = noise at t_1 > ... > t_K, with a_t = sqrt(abar_t) and s_t = sqrt(1 - abar_t):
+
+    out   = unet(x, t_k, y)                        or, with guidance w (classifier-free, two calls),
+          = unet(x, t_k, null) + w (unet(x, t_k, y) - unet(x, t_k, null))
+    x0, eps from out, since x = a x0 + s eps:      epsilon: x0 = (x - s out) / a, eps = out
+                                                   sample:  x0 = out, eps = (x - a out) / s
+                                                   v_prediction: x0 = a x - s out, eps = s x + a out
+    consistency students (``boundary``, LCM / Hyper-SD segment end e_k), first:
+          f = c_skip x + c_out (a_e x0 + s_e eps)   and (x0, eps) := the DDIM line through (t, x), (e, f)
+    x     = a_{t_{k+1}} x0 + s_{t_{k+1}} eps       (deterministic DDIM, eta = 0; a = 1, s = 0 after t_K)
+
+and the image is clamp(x, -1, 1) mapped to [0, 1]. It has no random op after the initial noise, which
+is drawn as ``torch.randn((n, C, H, W), generator=generator)``, so a seeded generator reproduces
+stillroom's own samples. Another ``num_inference_steps`` uses the trailing grid for that K, as
+``stillroom.plugins.diffusion.sampler.retarget`` does (a student is best at its distilled K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+
+class StillroomFewStepPipeline(DiffusionPipeline):
+    """Few-step sampling of a distilled (class-conditional or unconditional) pixel-space UNet."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        num_inference_steps: int = 1,
+        conditioning: str | None = None,
+        guidance_scale: float | None = None,
+        null_class: int | None = None,
+        boundary: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(
+            num_inference_steps=num_inference_steps,
+            conditioning=conditioning,
+            guidance_scale=guidance_scale,
+            null_class=null_class,
+            boundary=boundary,
+        )
+
+    def _coef(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 scalars; t < 0 is the clean end (abar = 1).
+
+        Computed in float64 and rounded once, as stillroom's sampler buffers are.
+        """
+        abar = 1.0 if t < 0 else float(self.scheduler.alphas_cumprod.double()[t])
+        return torch.tensor(math.sqrt(abar)), torch.tensor(math.sqrt(1.0 - abar))
+
+    def _ends(self, timesteps: list[int]) -> list[int]:
+        """Segment ends of a consistency student: the next timestep (Hyper-SD) or 0 (plain LCM)."""
+        if self.config.boundary.get("segmented"):
+            return timesteps[1:] + [0]
+        return [0] * len(timesteps)
+
+    def _predict(self, x, t: int, labels, w: float | None) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if w is None:
+            return self.unet(x, tt, class_labels=labels).sample
+        if self.config.conditioning != "class" or self.config.null_class is None:
+            raise ValueError("guidance_scale needs a class-conditional student with a null class")
+        null = torch.full_like(labels, int(self.config.null_class))
+        cond = self.unet(x, tt, class_labels=labels).sample
+        uncond = self.unet(x, tt, class_labels=null).sample
+        return uncond + w * (cond - uncond)
+
+    @staticmethod
+    def _x0_eps(out, x, a, s, prediction: str):
+        if prediction == "epsilon":
+            return (x - s * out) / a, out
+        if prediction == "sample":
+            return out, (x - a * out) / s
+        if prediction == "v_prediction":
+            return a * x - s * out, s * x + a * out
+        raise ValueError(f"unknown prediction_type '{prediction}'")
+
+    def _consistency(self, x, x0, eps, t: int, end: int):
+        """LCM's f(x, t) = c_skip x + c_out x_e, returned as the (x0, eps) of the line through f."""
+        spec = self.config.boundary
+        a, s = self._coef(t)
+        a_e, s_e = self._coef(end)
+        scaled = (t - end) * float(spec["timestep_scaling"])
+        sd2 = float(spec["sigma_data"]) ** 2
+        c_skip = torch.tensor(sd2 / (scaled**2 + sd2))
+        c_out = torch.tensor(scaled / (scaled**2 + sd2) ** 0.5)
+        f = c_skip * x + c_out * (a_e * x0 + s_e * eps)
+        det = a * s_e - a_e * s
+        return (s_e * x - s * f) / det, (a * f - a_e * x) / det
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int] | torch.Tensor | None = None,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Images for ``class_labels`` (class students; one per label) or ``batch_size`` images.
+
+        ``num_inference_steps`` defaults to the distilled K and ``guidance_scale`` to the student's own
+        (None: guidance is baked into the weights). ``output_type``: "pil", "np" ((n, H, W, C) in
+        [0, 1]) or "pt" ((n, C, H, W) in [0, 1]).
+        """
+        conditional = self.config.conditioning == "class"
+        if conditional and class_labels is None:
+            raise ValueError("this student is class-conditional: pass class_labels, e.g. [3, 7]")
+        if not conditional and class_labels is not None:
+            raise ValueError("this student is unconditional: pass batch_size instead of class_labels")
+        labels = None
+        if conditional:
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(self.device)
+            batch_size = int(labels.shape[0])
+        steps = int(num_inference_steps or self.config.num_inference_steps)
+        w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        rng_device = generator.device if generator is not None else torch.device("cpu")
+        x = torch.randn(shape, generator=generator, device=rng_device).to(self.device, self.unet.dtype)
+
+        self.scheduler.set_timesteps(steps)
+        timesteps = [int(t) for t in self.scheduler.timesteps]
+        ends = self._ends(timesteps) if self.config.boundary else None
+        prediction = self.scheduler.config.prediction_type
+        for k, t in enumerate(self.progress_bar(timesteps)):
+            a, s = self._coef(t)
+            x0, eps = self._x0_eps(self._predict(x, t, labels, w), x, a, s, prediction)
+            if ends is not None:
+                x0, eps = self._consistency(x, x0, eps, t, ends[k])
+            a_next, s_next = self._coef(timesteps[k + 1] if k + 1 < len(timesteps) else -1)
+            x = a_next * x0 + s_next * eps
+
+        image = (x.clamp(-1.0, 1.0).float() + 1.0) / 2.0
+        if output_type == "pt":
+            result = image.cpu()
+        elif output_type in ("np", "pil"):
+            result = image.cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
+            if output_type == "pil":
+                result = self.numpy_to_pil(result)
+        else:
+            raise ValueError(f"output_type '{output_type}' is not one of 'pil', 'np', 'pt'")
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)

@@ -1,0 +1,214 @@
+"""Generator student -> a diffusers pipeline folder that diffusers' own loader opens.
+
+    D/model_index.json   {"_class_name": ["pipeline", "StillroomFewStepPipeline"], "unet": [...],
+                          "scheduler": [...], + the pipeline's sampler settings (diffusers_pipeline.py)}
+    D/unet/              the student's UNet2DModel, copied (``UNet2DModel.from_pretrained(D / "unet")``)
+    D/scheduler/         DDIMScheduler config: the student's noise schedule, its real ``prediction_type``
+                         (``stillroom.json``'s ``sampler.prediction``; the saved scheduler may say epsilon)
+                         and trailing spacing, whose grid for K steps is the distilled timesteps
+    D/pipeline.py        the text of ``diffusers_pipeline.py``
+    D/manifest.json      written last, after validation
+
+Users load it with ``DiffusionPipeline.from_pretrained(D, custom_pipeline=str(D), trust_remote_code=True)``.
+Before the manifest is written the folder is loaded exactly that way, in this process, and its images
+for a fixed seed are compared with stillroom's own sampler (``load_generator``) fed the same noise.
+
+Only what the pipeline template reproduces is exported: class-conditional or unconditional pixel-space
+students, with or without sampling-time classifier-free guidance or a consistency boundary. Text,
+latent, hybrid and guidance-embedded students are refused up front rather than exported half-working.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stillroom.core import artifact, provenance
+from stillroom.core.errors import StillroomError
+from stillroom.core.fsio import atomic_dir
+from stillroom.core.source import detect
+from stillroom.plugins.diffusion import diffusers_pipeline
+from stillroom.plugins.diffusion.sampler import ddim_timesteps, load_generator
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASS = diffusers_pipeline.StillroomFewStepPipeline.__name__
+TOLERANCE = 1e-4  # max abs difference in [0, 1] pixel units; both sides run the same float32 arithmetic
+SEED = 0
+
+
+def export_diffusers(src: str | Path, out: str | Path, *, steps: int | None = None, **_: Any):
+    """Writes ``out`` as a validated diffusers pipeline folder for the generator student behind ``src``.
+
+    ``steps`` re-targets the default ``num_inference_steps`` to the trailing grid for that K, as
+    ``stillroom export --to onnx --steps`` does.
+    """
+    import diffusers
+
+    source = detect(src)
+    if source.kind != "generator":
+        raise StillroomError(
+            f"the diffusers exporter takes a generator student; '{src}' holds a {source.kind}",
+            "use `--to onnx` for it, or point at the student of a diffusion distill run",
+        )
+    student = Path(source.model_dir)
+    sampler = json.loads((student / "stillroom.json").read_text(encoding="utf-8"))["sampler"]
+    _check_supported(student, sampler)
+    generator = load_generator(student, steps=steps)
+    sampler = generator.sampler
+    scheduler_config = dict(diffusers.DDIMScheduler.load_config(student / "scheduler"))
+    pipeline_config = _pipeline_config(sampler, scheduler_config)
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(student / "unet", tmp / "unet")
+        scheduler = diffusers.DDIMScheduler.from_config(
+            scheduler_config, prediction_type=sampler["prediction"], timestep_spacing="trailing"
+        )
+        scheduler.save_pretrained(tmp / "scheduler")
+        shutil.copyfile(diffusers_pipeline.__file__, tmp / "pipeline.py")
+        model_index = {
+            "_class_name": ["pipeline", PIPELINE_CLASS],
+            "_diffusers_version": diffusers.__version__,
+            **pipeline_config,
+            "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
+        validation = validate(tmp, generator, sampler)
+        if not validation["passed"]:
+            raise StillroomError(
+                "the diffusers pipeline differs from stillroom's sampler by "
+                f"{validation['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}); no artifact was written",
+                "report this with the student directory; `--to onnx` exports the same student",
+            )
+        manifest = artifact.Manifest(
+            kind="generator",
+            format="diffusers",
+            exporter="stillroom-diffusers",
+            graphs={},
+            sampler={"steps": None, "timesteps": [], "guidance": None, **sampler},
+            source={**source.info, "steps_requested": steps},
+            versions=provenance.versions(),
+            validation=validation,
+            extra={"pipeline_class": PIPELINE_CLASS},
+        )
+        artifact.write_manifest(tmp, manifest)
+    log.info("diffusers pipeline written to %s (max abs diff %.3g)", out, validation["max_abs_diff"])
+    return artifact.load(out)
+
+
+def _check_supported(student: Path, sampler: dict[str, Any]) -> None:
+    """Refuses, in one line, a student the pipeline template would not reproduce."""
+    unsupported = [
+        (sampler.get("conditioning") == "text", "text-conditional"),
+        (bool(sampler.get("latent")), "latent"),
+        (bool(sampler.get("hybrid")), "hybrid (teacher + student)"),
+        (bool(sampler.get("guidance_embed")), "guidance-embedded (LCM w-embedding)"),
+    ]
+    for hit, what in unsupported:
+        if hit:
+            raise StillroomError(
+                f"{what} students are not supported by the diffusers exporter yet ('{student}')",
+                "export it with `--to onnx`; --to diffusers takes class-conditional or unconditional "
+                "pixel-space students",
+            )
+    unet_class = json.loads((student / "unet" / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    if unet_class != "UNet2DModel":
+        raise StillroomError(
+            f"the student's UNet is a {unet_class}; the diffusers exporter supports UNet2DModel only",
+            "export it with `--to onnx`",
+        )
+    if sampler.get("guidance") is not None and sampler.get("conditioning") != "class":
+        raise StillroomError(
+            "sampling-time guidance without class conditioning is not supported by the diffusers exporter",
+            "export it with `--to onnx`",
+        )
+
+
+def _pipeline_config(sampler: dict[str, Any], scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own settings (model_index.json), checked to rebuild exactly ``sampler``'s schedule.
+
+    The pipeline derives its timesteps from the scheduler's trailing grid and a consistency student's
+    segment ends from that grid; a student whose schedule those rules do not give is refused.
+    """
+    timesteps = [int(t) for t in sampler["timesteps"]]
+    if timesteps != ddim_timesteps(scheduler_config, len(timesteps)):
+        raise StillroomError(
+            f"the student's timesteps {timesteps} are not the trailing DDIM grid, which the diffusers "
+            "exporter supports only",
+            "export it with `--to onnx`",
+        )
+    boundary = None
+    if sampler.get("boundary"):
+        spec = sampler["boundary"]
+        ends = [int(e) for e in spec["ends"]]
+        segmented = set(ends) != {0}
+        if ends != (timesteps[1:] + [0] if segmented else [0] * len(timesteps)):
+            raise StillroomError(
+                f"consistency segment ends {ends} are neither the next timesteps nor all 0, which the "
+                "diffusers exporter does not support",
+                "export it with `--to onnx`",
+            )
+        boundary = {
+            "sigma_data": float(spec["sigma_data"]),
+            "timestep_scaling": float(spec["timestep_scaling"]),
+            "segmented": segmented,
+        }
+    return {
+        "num_inference_steps": len(timesteps),
+        "conditioning": sampler.get("conditioning"),
+        "guidance_scale": sampler.get("guidance"),
+        "null_class": sampler.get("null_class"),
+        "boundary": boundary,
+    }
+
+
+def validation_inputs(sampler: dict[str, Any]) -> tuple[list[int] | None, int]:
+    """(class_labels, batch size) of the validation call: up to 4 distinct classes, or 2 unconditional."""
+    if sampler.get("conditioning") == "class":
+        labels = list(range(min(4, int(sampler["num_classes"]))))
+        return labels, len(labels)
+    return None, 2
+
+
+def validate(folder: Path, generator: torch.nn.Module, sampler: dict[str, Any]) -> dict[str, Any]:
+    """Loads ``folder`` with diffusers' own loader and compares a seeded batch with ``generator``.
+
+    The pipeline draws its noise as ``torch.randn(shape, generator=torch.Generator().manual_seed(SEED))``;
+    the reference redraws that noise and runs stillroom's sampler on it, mapped to [0, 1].
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels, batch = validation_inputs(sampler)
+    kwargs = {"class_labels": labels} if labels is not None else {"batch_size": batch}
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    shape = (batch, int(sampler["channels"]), int(sampler["image_size"]), int(sampler["image_size"]))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        ref = generator(noise, class_labels=torch.tensor(labels) if labels is not None else None)
+    expected = ((ref + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
+    if images.shape != expected.shape:
+        raise StillroomError(
+            f"the diffusers pipeline made images of shape {images.shape}, "
+            f"stillroom's sampler {expected.shape}",
+            "the student's unet config and stillroom.json disagree on the image size; re-save the student",
+        )
+    diff = float(abs(images - expected).max())
+    return {
+        "max_abs_diff": diff,
+        "tolerance": TOLERANCE,
+        "passed": diff <= TOLERANCE,
+        "units": "[0, 1] pixels",
+        "seed": SEED,
+        "samples": batch,
+        "steps": int(sampler["steps"]),
+        "loader": "DiffusionPipeline.from_pretrained(custom_pipeline, trust_remote_code=True)",
+    }
