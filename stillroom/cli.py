@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -24,26 +25,46 @@ from stillroom.core.host import KINDS, get_host
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Distill big, slow teachers into small, fast students; export, benchmark and serve them."""
-    ctx.ensure_object(dict)["debug"] = debug
-    _setup_logging(debug)
+    obj = ctx.ensure_object(dict)
+    obj["debug"] = debug
+    obj["console"] = _setup_logging(debug)  # commands draw their progress on the log lines' console
 
 
-def _setup_logging(debug: bool) -> None:
+def _setup_logging(debug: bool):
+    """Logs go to stderr through rich; without ``--debug`` the terminal shows stillroom's own lines only.
+
+    Libraries' Python warnings (torch's TracerWarning, onnxscript's and transformers' Deprecation- and
+    FutureWarnings) say nothing a user can act on, so they are ignored here, in the command, never in
+    library code that others import; PYTHONWARNINGS carries that to child processes such as the
+    bench workers. ``--debug`` leaves every filter as Python set it.
+    """
     if not debug:  # library chatter (tokenizer length hints, "install accelerate") is not for users
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch resets torch.onnx's level when imported
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        warnings.simplefilter("ignore")
     from rich.console import Console
     from rich.logging import RichHandler
 
+    console = Console(stderr=True)
+    handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug)
+    if not debug:
+        handler.addFilter(_hide_dumps)
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=debug, rich_tracebacks=debug)],
-        force=True,
+        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", handlers=[handler], force=True
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
+    return console
+
+
+def _hide_dumps(record: logging.LogRecord) -> bool:
+    """Keeps informational records that format a whole dict (a family's per-stage validation figures)
+    for ``--debug``: the command's own summary shows the figures that matter, rounded."""
+    args = record.args if isinstance(record.args, tuple) else (record.args,)
+    return record.levelno >= logging.WARNING or not any(isinstance(arg, dict) for arg in args)
 
 
 @cli.command()

@@ -47,7 +47,8 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_teacher, corp
     assert out.returncode == 1 and "nothing to resume" in out.stderr
     out = run("run", str(recipe), "export.to=nope", "--out", str(tmp_path / "r"))
     assert out.returncode == 1 and out.stderr.count("\n") == 1
-    assert out.stderr.startswith("error: recipe key 'export.to': unknown exporter 'nope' (available: onnx,")
+    expected = "error: recipe key 'export.to': unknown exporter 'nope' (available: diffusers, onnx,"
+    assert out.stderr.startswith(expected)
     out = run("--debug", "distill", str(recipe), "method.name=nope", "--out", str(tmp_path / "r"))
     assert out.returncode != 0 and "Traceback" in out.stderr
     assert not (tmp_path / "r").exists()

@@ -48,7 +48,7 @@ def test_a_plugins_exporter_is_a_choice_of_export_to(tmp_path):
     def run(*args):
         return subprocess.run([STILLROOM, *args], capture_output=True, text=True, env=env, timeout=120)
 
-    assert "--to [fake|onnx|tensorrt|triton]" in run("export", "--help").stdout
+    assert "--to [diffusers|fake|onnx|tensorrt|triton]" in run("export", "--help").stdout
     plugins = {p["name"]: p for p in json.loads(run("plugins", "--json").stdout)}
     assert plugins["fakeexp"]["exporters"] == ["fake"]
     (tmp_path / "src").mkdir()
@@ -97,3 +97,60 @@ def test_cli_exports_lm_run_to_onnx_and_triton(tmp_path):
     onnx_art = artifact.load(tmp_path / "out" / "onnx")
     assert onnx_art.manifest.source["type"] == "run" and onnx_art.manifest.validation["passed"]
     assert artifact.load(tmp_path / "out" / "triton").manifest.format == "triton"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_export(tmp_path_factory):
+    """A tiny LM run exported once through the CLI without --debug, as a user sees it."""
+    import json
+
+    from stillroom.testing import build_tiny_lm
+
+    root = tmp_path_factory.mktemp("export")
+    build_tiny_lm(root / "run" / "student", "gpt2")
+    (root / "run" / "run.json").write_text(json.dumps({"method": "kd", "steps": 1, "student": "student"}))
+    proc = subprocess.run(
+        [STILLROOM, "export", str(root / "run"), "--out", str(root / "out")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return root / "out", proc
+
+
+def test_export_ends_with_a_rounded_table(tiny_lm_export):
+    from stillroom.core import artifact
+
+    out, proc = tiny_lm_export
+    validation = artifact.load(out).manifest.validation
+    lines = [line.strip("│ ") for line in proc.stdout.strip().splitlines()]
+    assert str(out) in lines[0] and lines[-1].startswith("╰")
+    assert (
+        f"max_abs_diff          {validation['max_abs_diff']:.4g} (tolerance {validation['tolerance']:.4g})"
+        in (lines)
+    )
+    assert "validation            PASSED" in lines
+    assert "{'" not in proc.stdout + proc.stderr  # no raw dict: not the command's, not a family's
+
+
+def test_export_without_debug_shows_no_library_warnings(tiny_lm_export):
+    _, proc = tiny_lm_export
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+def test_warnings_are_filtered_only_without_debug(monkeypatch):
+    import os
+    import warnings
+
+    from stillroom.cli import _setup_logging
+
+    for debug in (False, True):
+        monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            _setup_logging(debug)
+            warnings.warn("from a library", FutureWarning, stacklevel=1)
+        assert len(caught) == (1 if debug else 0)
+        assert ("PYTHONWARNINGS" in os.environ) is not debug  # what the bench workers inherit

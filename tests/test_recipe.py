@@ -86,7 +86,7 @@ def test_export_to_and_bench_runtimes_are_checked_against_the_registries(tmp_pat
     for override, expected in [
         (
             "export.to=nope",
-            "recipe key 'export.to': unknown exporter 'nope' (available: onnx, tensorrt, triton;",
+            "recipe key 'export.to': unknown exporter 'nope' (available: diffusers, onnx, tensorrt, triton;",
         ),
         (
             "bench.runtimes=[torch, nope]",

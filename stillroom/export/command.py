@@ -19,6 +19,13 @@ from stillroom.core.host import get_host
 from stillroom.core.registry_choice import RegistryChoice
 
 log = logging.getLogger(__name__)
+_status: Any = None  # the spinner of a running `stillroom export`; None when exporting through the API
+
+
+def _stage(text: str) -> None:
+    """Names the running stage on the command's spinner: an export can spend minutes in one."""
+    if _status is not None:
+        _status.update(f"[bold]{text}")
 
 
 def _is_artifact(path: Path) -> bool:
@@ -30,6 +37,7 @@ def to_onnx(src, out, **options: Any):
     from stillroom.core.source import detect
 
     source = detect(src)
+    _stage(f"exporting and validating the {source.kind} ONNX graph")
     return get_host().family_of_kind(source.kind).export_onnx(Path(src), Path(out), **options)
 
 
@@ -47,6 +55,7 @@ def to_tensorrt(src, out, *, profile: tuple[str, ...] = (), **options):
     tensorrt.require()
     onnx_art = _onnx_first(src, out, **{k: v for k, v in options.items() if k != "int8"})
     precision = "fp16" if options.get("fp16") else "int8" if options.get("int8") else "fp32"
+    _stage(f"building the {precision} TensorRT engine")
     return tensorrt.build(
         onnx_art,
         Path(out) / "tensorrt",
@@ -59,6 +68,7 @@ def to_triton(src, out, *, name: str | None = None, instances: int = 1, max_batc
     from stillroom.export import triton
 
     source_art = _onnx_first(src, out, **options)
+    _stage("writing the Triton model repository")
     return triton.write_repository(
         source_art, Path(out) / "triton", name=name, instances=instances, max_batch_size=max_batch
     )
@@ -118,15 +128,22 @@ def _remove_interrupted(out: Path) -> None:
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Triton: max_batch_size.")
 def export(src: Path, target: str, out: Path, **options: Any) -> None:
     """Export SRC (a distill run, an LM directory or a generator student) as a validated artifact."""
-    art = run_exporter(src, out, target, **options)
-    v = art.manifest.validation
-    summary = {k: v[k] for k in ("max_abs_diff", "tolerance", "greedy_agreement", "psnr_db") if k in v}
-    log.info(
-        "%s artifact (%s, %s, %s) written to %s; validation: %s",
-        art.kind,
-        art.manifest.format,
-        art.manifest.exporter,
-        art.manifest.precision,
-        art.root,
-        summary,
-    )
+    from stillroom.export.inspect import brief, stdout_console
+
+    global _status
+    with _log_console().status(f"[bold]exporting {src} ({target})") as status:
+        _status = status
+        try:
+            art = run_exporter(src, out, target, **options)
+        finally:
+            _status = None
+    stdout_console().print(brief(art))
+
+
+def _log_console():
+    """The console the CLI logs to (``stillroom.cli`` keeps it in the context), so that the spinner and
+    the log lines share one live display; two consoles on one terminal overwrite each other's lines."""
+    from rich.console import Console
+
+    obj = click.get_current_context().find_root().obj
+    return (obj or {}).get("console") or Console(stderr=True)

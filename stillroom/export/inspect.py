@@ -3,7 +3,8 @@
 The summary is built from the manifest alone, section by section as the manifest has them (a
 sampler spec, geometry the exporter put under ``extra``), so a new family's artifacts show up
 without this module naming any family. Sizes come from the manifest's ``files`` entries, which
-``artifact.load`` has checked against the disk unless ``--no-verify`` skips the hashing.
+``artifact.load`` has checked against the disk unless ``--no-verify`` skips the hashing. ``brief``
+is the short form of the same overview that ``stillroom export`` ends with.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import click
 
 EXTERNAL_DATA = ".data"  # a graph's external weights sit beside it as GRAPH.data (core.onnx_export)
+# validation figures worth a line after an export (besides max_abs_diff against its tolerance)
+KEY_FIGURES = ("greedy_agreement", "perplexity_rel_delta", "psnr_db", "min_psnr_db")
 
 
 def summarize(art: Any) -> dict[str, Any]:
@@ -104,13 +107,10 @@ def _validation_rows(validation: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
-    """The rich renderables of the summary, in reading order; sections the manifest lacks are left out."""
-    from rich.panel import Panel
-
+def _overview(art: Any, summary: dict[str, Any]) -> list[tuple[str, str]]:
     m = art.manifest
     family = _value(summary["family"]) if summary["family"] else "[yellow]no installed family reads it"
-    overview = [
+    return [
         ("kind", _value(m.kind)),
         ("family", family),
         ("format", _value(m.format)),
@@ -119,10 +119,54 @@ def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
         ("variant", _value(m.variant or None)),
         ("tokenizer", _value(m.tokenizer)),
         ("files", f"{summary['files_count']}, {_size(summary['files_bytes'])}"),
-        ("sha256", "verified" if verified else "[yellow]not checked (--no-verify)"),
     ]
+
+
+def _panel(art: Any, rows: list[tuple[str, str]]):
+    from rich.panel import Panel
+
     title = f"artifact {_value(str(art.root))}"
-    parts: list[Any] = [Panel(_pairs("", overview), title=title, title_align="left", expand=False)]
+    return Panel(_pairs("", rows), title=title, title_align="left", expand=False)
+
+
+def _key_figures(validation: dict[str, Any]) -> list[tuple[str, str]]:
+    """The few validation figures that say how close the artifact is to its source, then the verdict;
+    a figure the exporter did not measure is left out, so every family's validation fits."""
+    rows = []
+    if "max_abs_diff" in validation:
+        tolerance = validation.get("tolerance")
+        bound = f" (tolerance {_value(tolerance)})" if tolerance is not None else ""
+        rows.append(("max_abs_diff", _value(validation["max_abs_diff"]) + bound))
+    rows += [(key, _value(validation[key])) for key in KEY_FIGURES if key in validation]
+    passed = validation.get("passed")
+    rows.append(("validation", "[green]PASSED" if passed else "[red]FAILED" if passed is not None else "—"))
+    return rows
+
+
+def brief(art: Any):
+    """What ``stillroom export`` ends with: the overview ``stillroom inspect`` opens with and the key
+    validation figures, rounded, instead of every figure the exporter logged on the way."""
+    rows = _overview(art, summarize(art))
+    if art.manifest.validation:
+        rows += _key_figures(art.manifest.validation)
+    return _panel(art, rows)
+
+
+def stdout_console():
+    """The console summaries print to; a pipe or a log gets 120 columns so long tensor names, shapes
+    and paths stay on one line."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
+    """The rich renderables of the summary, in reading order; sections the manifest lacks are left out."""
+    m = art.manifest
+    overview = _overview(art, summary)
+    overview.append(("sha256", "verified" if verified else "[yellow]not checked (--no-verify)"))
+    parts: list[Any] = [_panel(art, overview)]
     if m.graphs:
         from rich.table import Table
 
@@ -163,11 +207,7 @@ def inspect_artifact(artifact_dir: Path, as_json: bool, no_verify: bool) -> None
     if as_json:
         click.echo(json.dumps({**summary, "manifest": art.manifest.model_dump(mode="json")}, indent=2))
         return
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log: keep long tensor names and shapes on one line
-        console = Console(width=120)
+    console = stdout_console()
     for part in render(art, summary, verified=not no_verify):
         console.print(part)
         console.print()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,24 +129,96 @@ def bench(
     teacher_options = {"steps": teacher_steps} if teacher_steps else {}
     if device:
         teacher_options["device"] = device
-    report = run_bench(
-        artifact,
-        out,
-        teacher=teacher,
-        runtimes=names,
-        settings=settings,
-        options=options,
-        teacher_options=teacher_options,
-    )
+    with _target_progress():
+        report = run_bench(
+            artifact,
+            out,
+            teacher=teacher,
+            runtimes=names,
+            settings=settings,
+            options=options,
+            teacher_options=teacher_options,
+        )
     log_report(report, out)
 
 
+@contextmanager
+def _target_progress() -> Iterator[None]:
+    """A spinner with the elapsed time of the target being measured, and a line with its time when done.
+
+    ``serve.bench`` logs one INFO line (naming the target) as each target's process starts; that line
+    marks the end of the previous target, and leaving the block the end of the last. The live line
+    is transient and drawn only on a terminal; the "measured in" lines are ordinary log lines.
+    """
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    obj = click.get_current_context().find_root().obj
+    console = (obj or {}).get("console") or Console(stderr=True)  # the CLI's, shared with the log lines
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,  # rich's Progress would print a blank line into a pipe
+    )
+    current: list[tuple[str, float, Any]] = []
+
+    def finish() -> None:
+        if current:
+            label, start, task = current.pop()
+            progress.remove_task(task)
+            log.info("%s measured in %.1f s", label, time.perf_counter() - start)
+
+    def on_record(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            finish()
+            label = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "target"
+            current.append((label, time.perf_counter(), progress.add_task(f"measuring {label}")))
+        return True
+
+    bench_log = logging.getLogger("stillroom.serve.bench")
+    bench_log.addFilter(on_record)
+    try:
+        with progress:
+            yield
+            finish()
+    finally:
+        bench_log.removeFilter(on_record)
+
+
 def log_report(report: dict[str, Any], out: Path) -> None:
-    """What a finished benchmark says on the console: failed targets, the best speedup, the report."""
+    """What a finished benchmark says: failed targets, then one rounded row per student (p50 latency,
+    speedup, the family's primary metric beside the teacher's at the same batch size), then where
+    the full report is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stillroom.serve.report import format_value
+
+    metric = get_host().family_of_kind(report["kind"]).metric
+    teacher = {r["batch"]: r for r in (report.get("teacher") or {}).get("by_batch") or [] if "error" not in r}
+    table = Table("student", "runtime", "batch", "p50 ms", "speedup", metric, f"teacher {metric}")
     for row in report["students"]:
         if "error" in row:
             log.error("%s [%s]: %s", row["name"], row["runtime"], row["error"])
-    log.info("speedup p50: %s; report in %s", report.get("speedup_p50"), out / "report.html")
+            continue
+        reference = teacher.get(row["batch"], {}).get("quality", {})
+        table.add_row(
+            row["name"],
+            row["runtime"],
+            str(row["batch"]),
+            format_value(row["latency_ms"]["p50"]),
+            format_value(row.get("speedup_p50")),
+            format_value(row["quality"].get(metric)),
+            format_value(reference.get(metric)),
+        )
+    if table.row_count:
+        Console().print(table)
+    log.info(
+        "best speedup p50: %s; report in %s", format_value(report.get("speedup_p50")), out / "report.html"
+    )
 
 
 @click.command()
