@@ -49,22 +49,12 @@ def _setup_logging(debug: bool):
 
     console = Console(stderr=True)
     handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug)
-    if not debug:
-        handler.addFilter(_hide_dumps)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, format="%(message)s", handlers=[handler], force=True
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
     return console
-
-
-def _hide_dumps(record: logging.LogRecord) -> bool:
-    """Keeps informational records that format a whole dict (a family's per-stage validation figures)
-    for ``--debug``: the command's own summary shows the figures that matter, rounded."""
-    args = record.args if isinstance(record.args, tuple) else (record.args,)
-    return record.levelno >= logging.WARNING or not any(isinstance(arg, dict) for arg in args)
 
 
 @cli.command()

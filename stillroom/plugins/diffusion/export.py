@@ -163,7 +163,7 @@ def export_and_validate(
         make,
     )
     result["exporter"] = exported.exporter
-    log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
+    log.debug("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
     if not result["passed"]:
         raise staging.validation_failed(what, result)
     return exported, result
@@ -207,7 +207,7 @@ def export_generator_module(
                 make,
                 precision,
             )
-            log.info("%s generator graph: %s", precision, result)
+            log.debug("%s generator graph: %s", precision, result)
             if not result["passed"]:
                 raise staging.validation_failed(f"{precision} generator graph", result)
             validation[precision] = result

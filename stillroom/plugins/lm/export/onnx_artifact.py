@@ -14,6 +14,14 @@ Which of these graphs was built is the manifest's ``variant`` (``engine.VARIANTS
 every graph through the engine opened with that variant, as bench and serve will.
 ``weight_only="int4" | "int8"`` then stores the MatMul weights for ``MatMulNBits`` (``weight_only``)
 and validates the result with the task-level thresholds of ``validation``.
+
+The artifact also loads outside stillroom, in the Optimum / transformers layout: ``config.json`` and
+``generation_config.json`` of the exported model and the tokenizer files sit beside ``model.onnx``
+(so ``AutoConfig`` / ``AutoTokenizer.from_pretrained(artifact)`` and onnxruntime-genai's tokenizer
+find them), and ``genai_config.json`` (``genai_config``) lets ``onnxruntime_genai.Model(artifact)``
+generate from the graph; ``extra["genai"]`` says whether it can. The tokenizer is saved into
+``tokenizer/`` as well, the folder the manifest names: the TensorRT and Triton exporters copy that
+folder whole, which the artifact root (graphs included) could not be.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ from pathlib import Path
 
 from stillroom.core import artifact, onnx_export, onnx_variants, provenance, staging
 from stillroom.core.errors import StillroomError
-from stillroom.core.fsio import atomic_dir
+from stillroom.core.fsio import atomic_dir, write_json
 from stillroom.core.ort_session import SessionOptions
 from stillroom.core.source import detect
 from stillroom.plugins.lm.engine import Variant, exported_variant, open_engine
-from stillroom.plugins.lm.export import fused_graph, graph_edits, validation
+from stillroom.plugins.lm.export import fused_graph, genai_config, graph_edits, validation
 from stillroom.plugins.lm.export.kv_cache_module import CacheGeometry, KVCacheLM
 from stillroom.plugins.lm.export.weight_only import quantize_weight_only
 
@@ -87,10 +95,25 @@ def export_lm_graph(model, path: Path, opset: int | None = None) -> onnx_export.
 def _check(model, tokenizer, graph: Path, variant: Variant, precision: str, what: str) -> dict:
     lm = open_engine(graph, variant, SessionOptions.checks())
     result = validation.validate(model, lm, tokenizer, precision)
-    log.info("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
+    log.debug("%s: %s", what, {k: v for k, v in result.items() if not isinstance(v, list | dict)})
     if not result["passed"]:
         raise staging.validation_failed(what, result)
     return result
+
+
+def _save_loadable_files(model, tokenizer, root: Path, variant: Variant) -> None:
+    """What a consumer other than stillroom reads: the transformers configs and the tokenizer at the
+    root (Optimum's layout), ``genai_config.json`` when genai runs this variant, and the tokenizer in
+    ``tokenizer/`` for stillroom's readers."""
+    model.config.save_pretrained(root)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(root)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(root)
+        tokenizer.save_pretrained(root / "tokenizer")
+    if genai_config.genai_status(variant)["loadable"]:
+        config = genai_config.build(model.config, model.generation_config, staging.GRAPH)
+        write_json(root / genai_config.FILENAME, config)
 
 
 def export_causal_lm(
@@ -159,8 +182,7 @@ def export_causal_lm(
             )
             graph = reduced
         staging.promote(graph.parent, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
+        _save_loadable_files(model, tokenizer, tmp, variant)
         inputs, outputs = onnx_export.tensor_specs(tmp / staging.GRAPH)
         final = validation[precision if precision != "fp32" else ("optimized" if optimize else "fp32")]
         extra.update(
@@ -176,6 +198,7 @@ def export_causal_lm(
                 "optimized": optimize,
                 "export_seconds": round(time.perf_counter() - started, 3),
                 "graph_bytes": onnx_variants.file_bytes(tmp / staging.GRAPH),
+                "genai": genai_config.genai_status(variant),
             }
         )
         if exported.dynamo_error:
