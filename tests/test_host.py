@@ -87,7 +87,7 @@ def test_a_kind_is_registered_when_first_read_without_importing_torch():
         "print(exporters, 'methods' in host.registry, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "['onnx', 'tensorrt', 'triton'] False False", out.stderr
+    assert out.stdout.strip() == "['diffusers', 'onnx', 'tensorrt', 'triton'] False False", out.stderr
 
 
 def test_registry_choice_follows_the_host(site):
@@ -98,7 +98,8 @@ def test_registry_choice_follows_the_host(site):
     with pytest.raises(StillroomError, match=r"unknown runtime 'nope' \(available: echo-runtime, onnx"):
         choice.convert("torch,nope", None, None)
     option = click.Option(["--to"], type=RegistryChoice("exporters"))
-    assert option.type.get_metavar(option, click.Context(click.Command("x"))) == "[onnx|tensorrt|triton]"
+    metavar = option.type.get_metavar(option, click.Context(click.Command("x")))
+    assert metavar == "[diffusers|onnx|tensorrt|triton]"
     assert get_host().lookup("exporters", "onnx") is get_host().exporter("onnx")
 
 

@@ -188,6 +188,6 @@ def test_plugin_raising_in_register_exporters_leaves_the_built_in_choices(site):
         timeout=120,
     )
     assert helped.returncode == 0, helped.stderr
-    assert "--to [onnx|tensorrt|triton]" in helped.stdout and "Traceback" not in helped.stderr
+    assert "--to [diffusers|onnx|tensorrt|triton]" in helped.stdout and "Traceback" not in helped.stderr
     info = listed_plugins(site, "register_exporters")["faulty"]
     assert info["error"].startswith("register_exporters: RuntimeError: injected failure")
