@@ -95,3 +95,25 @@ def test_generator_variants(tmp_path, variant):
     assert (
         art.manifest.precision == variant and v["passed"] and v["psnr_db"] >= v["thresholds"]["min_psnr_db"]
     )
+
+
+def test_int8_generator_quantizes_its_convolutions(tmp_path):
+    """int8 covers the UNet's convolutions (static QDQ or dynamic ConvInteger), as the manifest counts."""
+    import onnx
+
+    from stillroom.plugins.diffusion.export import export_generator
+
+    student = build_tiny_generator(tmp_path / "s", steps=2, size=28)
+    art = export_generator(student, tmp_path / "art", int8=True)
+    m = art.manifest
+    assert m.precision == "int8" and m.validation["passed"]
+    assert m.validation["psnr_db"] >= m.validation["thresholds"]["min_psnr_db"]
+    graph = onnx.load(str(art.graph())).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    qdq_convs = sum(n.op_type == "Conv" and n.input[1] in dequantized for n in graph.node)
+    conv_integer = sum(n.op_type == "ConvInteger" for n in graph.node)
+    assert m.extra["int8_method"] == ("static-qdq" if qdq_convs else "dynamic")
+    assert qdq_convs + conv_integer == m.extra["int8_ops"]["Conv"]["int8"] > 0
+    assert m.extra["int8_ops"]["Conv"]["total"] == sum(
+        n.op_type in ("Conv", "ConvInteger") for n in graph.node
+    )
