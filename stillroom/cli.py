@@ -49,11 +49,13 @@ def _setup_logging(debug: bool):
 
     console = Console(stderr=True)
     handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", handlers=[handler], force=True
-    )
+    # stillroom's own loggers speak at INFO; libraries (onnxruntime's quantizer logs a line per bias it
+    # copies to the root logger, httpx one per request) only from WARNING, unless --debug
+    level = logging.DEBUG if debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("stillroom").setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "onnxscript", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # even with --debug: request and file chatter
     return console
 
 
