@@ -45,8 +45,8 @@ def test_every_stage_leaves_its_result(demo_out):
         kinds[name] = (art.kind, art.manifest.precision)
     assert kinds["mnist-2step"] == ("generator", "fp32")
     assert kinds["shakespeare-lm-int8"] == ("causal-lm", "int8")
-    assert artifact.load(out / "artifacts" / "mnist-1step").manifest.sampler["steps"] == 1
-    assert artifact.load(out / "artifacts" / "mnist-2step").manifest.sampler["steps"] == 2
+    assert artifact.load(out / "artifacts" / "mnist-1step").manifest.spec["steps"] == 1
+    assert artifact.load(out / "artifacts" / "mnist-2step").manifest.spec["steps"] == 2
 
 
 def test_report_schema_and_summary(demo_out):

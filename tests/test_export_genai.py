@@ -53,7 +53,7 @@ def test_genai_config_describes_the_graph(tiny_artifact):
     assert m.extra["genai"] == {"loadable": True}
     config = json.loads((tiny_artifact.root / genai_config.FILENAME).read_text())
     decoder = config["model"]["decoder"]
-    cache = m.extra["cache"]
+    cache = m.spec
     assert decoder["filename"] == m.graphs["model"]
     assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (
         cache["layers"],

@@ -30,7 +30,7 @@ def test_one_step_class_conditional_generator(tmp_path):
         ("noise", "float32", ["batch_size", 1, 8, 8]),
         ("class_labels", "int64", ["batch_size"]),
     ]
-    assert m.outputs[0].name == "image" and m.sampler["steps"] == 1 and m.sampler["timesteps"] == [999]
+    assert m.outputs[0].name == "image" and m.spec["steps"] == 1 and m.spec["timesteps"] == [999]
     # independent reference: the PyTorch sampler in float64 on a batch size validation did not use
     gen = load_generator(student).double()
     rng = np.random.default_rng(3)
@@ -77,7 +77,7 @@ def test_broken_export_fails_validation_without_manifest(tmp_path):
 def test_multi_step_and_text_generators(tmp_path, steps, conditioning):
     _, art = _export(tmp_path, steps, conditioning)
     m = art.manifest
-    assert m.validation["passed"] and m.sampler["steps"] == steps and len(m.sampler["timesteps"]) == steps
+    assert m.validation["passed"] and m.spec["steps"] == steps and len(m.spec["timesteps"]) == steps
     if conditioning == "text":
         assert set(m.graphs) == {"model", "text_encoder"} and m.tokenizer == "tokenizer"
         assert m.inputs[1].name == "encoder_hidden_states"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from stillroom.core import host as hostmod
-from stillroom.core.artifact import Manifest, write_manifest
+from stillroom.core.artifact import Manifest, Provenance, write_manifest
 from stillroom.core.bench_plan import BenchSettings, Target
 from stillroom.core.family import Family
 from stillroom.core.hookspecs import hookimpl
@@ -69,13 +69,11 @@ def test_lm_compare_needs_the_same_tokenizer_and_shape(tmp_path):
     assert CausalLMFamily().compare(teacher, {"tokenizer": "abc"}) == {"top1_agreement": None}
 
 
-def _artifact(tmp_path, kind, card):
-    student = tmp_path / "student"
-    student.mkdir(parents=True)
-    (student / "stillroom.json").write_text(json.dumps(card))
+def _artifact(tmp_path, kind, data=None):
+    """An artifact whose provenance names the training ``data`` (the student folder is not kept)."""
     art = tmp_path / "artifact"
-    art.mkdir()
-    write_manifest(art, Manifest(kind=kind, source={"model_dir": str(student)}))
+    art.mkdir(parents=True)
+    write_manifest(art, Manifest(kind=kind, provenance=Provenance(data=data)))
     return art
 
 
@@ -84,7 +82,7 @@ def test_lm_bench_inputs_follow_the_students_training_data(tmp_path):
     corpus.mkdir()
     (corpus / "train.txt").write_text("training text\n")
     (corpus / "valid.txt").write_text("held-out text\n")
-    art = _artifact(tmp_path, "causal-lm", {"recipe": {"data": {"source": str(corpus)}}})
+    art = _artifact(tmp_path, "causal-lm", str(corpus))
     inputs = CausalLMFamily().bench_inputs(art, tmp_path / "work")
     assert inputs == {"heldout": str(tmp_path / "work" / "heldout.txt")}
     assert (tmp_path / "work" / "heldout.txt").read_text() == "held-out text\n"
@@ -94,22 +92,27 @@ def test_lm_bench_inputs_follow_the_students_training_data(tmp_path):
     assert (tmp_path / "work" / "heldout.txt").read_text() == "training text\n"
 
 
-def test_lm_bench_inputs_default_to_the_embedded_corpus(tmp_path):
+def test_lm_bench_inputs_default_to_the_embedded_corpus(tmp_path, caplog):
     from stillroom.data import root
 
+    embedded = (root() / "shakespeare" / "valid.txt").read_text()
     CausalLMFamily().bench_inputs(None, tmp_path)
-    assert (tmp_path / "heldout.txt").read_text() == (root() / "shakespeare" / "valid.txt").read_text()
+    assert (tmp_path / "heldout.txt").read_text() == embedded
+    gone = _artifact(tmp_path / "moved", "causal-lm", str(tmp_path / "deleted-corpus"))
+    CausalLMFamily().bench_inputs(gone, tmp_path)  # data no longer at hand: say so, score anyway
+    assert (tmp_path / "heldout.txt").read_text() == embedded
+    assert "deleted-corpus' does not exist" in caplog.text
 
 
 def test_bench_inputs_follow_the_artifacts_family(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "valid.txt").write_text("held-out text\n")
-    lm = _artifact(tmp_path / "lm", "causal-lm", {"recipe": {"data": {"source": str(corpus)}}})
+    lm = _artifact(tmp_path / "lm", "causal-lm", str(corpus))
     family = get_host().family_of_kind("causal-lm")
     inputs = family.bench_inputs(lm, tmp_path / "lm-work")
     assert Path(inputs["heldout"]).read_text() == "held-out text\n"
-    generator = _artifact(tmp_path / "gen", "generator", {"sampler": {"steps": 1}})
+    generator = _artifact(tmp_path / "gen", "generator")
     assert get_host().family_of_kind("generator").bench_inputs(generator, tmp_path / "gen-work") == {}
 
 

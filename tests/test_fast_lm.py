@@ -184,10 +184,6 @@ def test_graph_variant_comes_from_the_manifest(artifact, tmp_path):
     assert artifact.manifest.validation["chunked_prefill_checked"] == (
         "batch 1" if expected == "fused" else "all batch sizes"
     )
-    old = {"fused": True, "logits": "all positions; optional input logits_to_keep=k keeps the last k"}
-    assert variant_of(Manifest(kind="causal-lm", extra=old)) == "fused"  # written before the field
-    assert variant_of(Manifest(kind="causal-lm", extra={**old, "fused": False})) == "kv-cache-last-logits"
-    assert variant_of(Manifest(kind="causal-lm", extra={"fused": False, "logits": "all"})) == "kv-cache"
     with pytest.raises(StillroomError, match="does not know"):
         variant_of(Manifest(kind="causal-lm", variant="paged"))
     with pytest.raises(StillroomError, match="bare graph"):

@@ -56,8 +56,9 @@ def test_lm_table_names_graphs_inputs_cache_and_validation(arts, capsys):
     for text in ("model.onnx", "input_ids", "past_key_values.0.key", "logits"):
         assert text in out, text
     assert "[batch_size, sequence_length]" in out  # dim names survive rich's markup parsing
-    assert rows["head_dim"] == ["8"]  # extra["cache"], shown without naming the family
-    assert "sampler" not in rows
+    assert rows["task"] == ["text-generation"]
+    assert rows["head_dim"] == ["8"] and rows["kv_heads"] == ["2"]  # the typed spec, family unnamed
+    assert "timesteps" not in rows
     assert rows["passed"] == ["yes"] and rows["stages"] == ["fp32"]
     figure = json.loads((arts["lm"] / "manifest.json").read_text())["validation"]["max_abs_diff"]
     assert rows["max_abs_diff"] == [f"{figure:.4g}"] != [str(figure)]  # 4 significant digits
@@ -65,12 +66,14 @@ def test_lm_table_names_graphs_inputs_cache_and_validation(arts, capsys):
     assert "versions.onnxruntime" in rows and rows["sha256"] == ["verified"]
 
 
-def test_generator_table_shows_sampler_and_no_variant(arts, capsys):
+def test_generator_table_shows_sampler_spec_and_no_variant(arts, capsys):
     out = inspect(capsys, str(arts["generator"]))
     rows = {line.split()[0]: line.split()[1:] for line in lines(out)}
     assert rows["kind"] == ["generator"] and rows["family"] == ["diffusion"] and rows["variant"] == ["—"]
     assert "noise" in out and "class_labels" in out
-    assert "sampler" in rows and rows["timesteps"] == ["[999]"] and rows["steps"] == ["1"]
+    assert rows["task"] == ["class-conditional-image-generation"]
+    assert "spec" in rows and rows["timesteps"] == ["[999]"] and rows["steps"] == ["1"]
+    assert rows["prediction"] == ["epsilon"] and "created" in rows
     assert "head_dim" not in rows and rows["passed"] == ["yes"]
 
 

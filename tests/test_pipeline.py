@@ -40,7 +40,7 @@ def test_every_stage_leaves_its_result(finished):
     assert (run / "student" / "model.safetensors").is_file()
     art = artifact.load(run / "artifact")  # verifies every sha256
     assert art.kind == "causal-lm" and art.manifest.precision == "int8"
-    assert art.manifest.source["type"] == "run" and art.manifest.validation["passed"]
+    assert art.manifest.provenance.source["type"] == "run" and art.manifest.validation["passed"]
     report = json.loads((run / "bench" / "report.json").read_text())
     assert report["teacher"]["name"] == "teacher" and (run / "bench" / "report.html").is_file()
     (student,) = report["students"]

@@ -190,7 +190,9 @@ def test_torch_runtime_matches_ort_and_full_logits(lm_pair, lm_artifact):
     from stillroom.serve.runtimes import torch_runtime as load_torch
 
     ort_lm = load_onnxruntime(lm_artifact, provider="cpu")
-    torch_lm = load_torch(lm_artifact)  # an artifact means: the model it was exported from
+    with pytest.raises(StillroomError, match="is an exported artifact; the torch runtime runs a PyTorch"):
+        load_torch(lm_artifact)  # an artifact holds graphs; its source folder is not read behind its back
+    torch_lm = load_torch(str(lm_pair[1]))
     assert torch_lm.runtime == "torch" and torch_lm.info["model"] == str(lm_pair[1])
     prompts = [torch_lm.encode("To die, to sleep"), torch_lm.encode("No")]
     params = [SamplingParams(max_tokens=6, ignore_eos=True)] * 2

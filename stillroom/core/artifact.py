@@ -2,16 +2,26 @@
 
 An artifact is a directory of model files plus ``manifest.json``::
 
-    {"format_version": 1, "kind": KIND,        # the family's artifact kind (Family.kind)
+    {"format_version": 2,
+     "kind": KIND, "family": NAME, "task": TASK,  # the family's artifact kind (Family.kind), its name,
+                                                  # and what the model does ("text-generation", ...)
      "files": [{"path", "sha256", "bytes"}],
      "graphs": {"model": "model.onnx", "text_encoder": "text_encoder.onnx", ...},
      "inputs": [{"name", "dtype", "shape"}], "outputs": [...],      # shape: ints or dim names
-     "sampler": {"steps", "timesteps", "guidance", ...} | null,       # samplers that unroll steps
+     "spec": {...},             # what a runtime needs to run the graphs, typed by the family's own
+                                # pydantic model (e.g. a model's geometry and special ids)
      "tokenizer": "tokenizer" | null,                                 # a folder inside the artifact
-     "format": "onnx" | "tensorrt", "exporter": "dynamo" | "torchscript" | ...,
+     "teacher": "teacher" | null,           # the teacher, copied in by `export --with-teacher`
+     "format": "onnx" | "tensorrt" | ..., "exporter": "dynamo" | "torchscript" | ...,
      "variant": "" | NAME,                      # which graph the exporter built (the family's names)
-     "precision": "fp32" | "fp16" | "int8", "source": {...}, "versions": {...},
-     "validation": {"passed": true, "max_abs_diff", "tolerance", ...}, "extra": {...}}
+     "precision": "fp32" | "fp16" | "int8",
+     "provenance": {"created", "method", "teacher", "data", "recipe_sha256", "train_steps", "source",
+                    "versions"},
+     "validation": {"passed": true, "max_abs_diff", "tolerance", ...},
+     "extra": {...}}            # facts of the export (timings, sizes, int8 op counts); never read to run
+
+An artifact is self-contained: runtimes, bench and serve read only files inside it. ``provenance``
+records where it came from (the run folder among it) for people, never to be read back.
 
 The manifest is written last, after validation passed, so a crash or a failed validation never
 leaves a directory that claims to be a valid artifact. Loading checks every file's size and
@@ -23,14 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -50,9 +60,24 @@ class TensorSpec(_Strict):
     shape: list[int | str]
 
 
+class Provenance(_Strict):
+    """Where an artifact came from; for people and audits, never read back to run it."""
+
+    created: str = ""  # ISO 8601, UTC
+    method: str | None = None  # the distillation method that trained the student
+    teacher: str | None = None  # the teacher's spec as the recipe named it (hub id, embedded:NAME, path)
+    data: str | None = None  # the training data's spec (bench scores the student on its held-out split)
+    recipe_sha256: str | None = None  # of the recipe, canonical JSON
+    train_steps: int | None = None  # optimizer steps of the run
+    source: dict[str, Any] = Field(default_factory=dict)  # what export was pointed at
+    versions: dict[str, str] = Field(default_factory=dict)  # python and library versions
+
+
 class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
     kind: str = Field(min_length=1)  # a registered family's ``kind``; runtimes find the family by it
+    family: str = ""  # the family's name
+    task: str = ""  # what the model does, e.g. "text-generation", "class-conditional-image-generation"
     format: str = "onnx"
     exporter: str = ""
     variant: str = ""  # the exporter's name for the graph it built; runtimes choose their path from it
@@ -61,10 +86,10 @@ class Manifest(_Strict):
     graphs: dict[str, str] = Field(default_factory=dict)
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)
-    sampler: dict[str, Any] | None = None
+    spec: dict[str, Any] = Field(default_factory=dict)  # validated by the family's spec model
     tokenizer: str | None = None
-    source: dict[str, Any] = Field(default_factory=dict)
-    versions: dict[str, str] = Field(default_factory=dict)
+    teacher: str | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
     validation: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -151,23 +176,39 @@ def read_manifest(root: Path) -> Manifest:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        manifest = Manifest.model_validate(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StillroomError(
             f"'{path}' is not valid JSON (truncated or corrupt)", "re-run the export"
         ) from err
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version != FORMAT_VERSION:
         raise StillroomError(
-            f"'{path}' is not a valid manifest: {where}: {first['msg']}", "re-run the export"
-        ) from None
-    if manifest.format_version > FORMAT_VERSION:
-        raise StillroomError(
-            f"'{path}' has format_version {manifest.format_version}; this stillroom reads {FORMAT_VERSION}",
-            "upgrade stillroom",
+            f"'{path}' has format_version {version}; this stillroom reads {FORMAT_VERSION}",
+            "upgrade stillroom" if version > FORMAT_VERSION else "re-export it with this stillroom",
         )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        raise StillroomError(f"'{path}' is not a valid manifest: {_first(err)}", "re-export it") from None
     return manifest
+
+
+def _first(err: ValidationError) -> str:
+    first = err.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
+
+
+def typed_spec(manifest: Manifest, model: type[SpecModel]) -> SpecModel:
+    """``manifest.spec`` validated by a family's spec ``model``; a malformed one is one clear error."""
+    try:
+        return model.model_validate(manifest.spec)
+    except ValidationError as err:
+        raise StillroomError(
+            f"the {manifest.kind} manifest's spec is invalid: {_first(err)}", "re-run `stillroom export`"
+        ) from None
 
 
 def load(root: str | Path, verify: bool = True) -> Artifact:
@@ -188,6 +229,6 @@ def load(root: str | Path, verify: bool = True) -> Artifact:
                 "(modified, truncated or corrupt)",
                 "re-run the export",
             )
-    for rel in [*manifest.graphs.values(), *([manifest.tokenizer] if manifest.tokenizer else [])]:
+    for rel in [*manifest.graphs.values(), *filter(None, (manifest.tokenizer, manifest.teacher))]:
         safe_join(root, rel)
     return Artifact(root, manifest)

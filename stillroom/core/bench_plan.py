@@ -8,11 +8,7 @@ and the job travels to that process as a JSON file.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-
-from stillroom.core.artifact import read_manifest
-from stillroom.core.source import read_json
 
 
 @dataclass
@@ -52,19 +48,3 @@ class BenchSettings:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def student_card(artifact_dir: str | Path) -> dict[str, Any]:
-    """The ``stillroom.json`` of the student an artifact was exported from ({} when it is not at hand).
-
-    Its recipe names what a fair benchmark compares against: the teacher the student was distilled
-    from and the data it was trained on (whose held-out split it is scored on).
-    """
-    source = read_manifest(Path(artifact_dir)).source
-    candidates = [source.get(k) for k in ("model_dir", "student_dir", "path")]
-    candidates += [str(Path(source[k]) / "student") for k in ("run_dir", "run") if source.get(k)]
-    for where in filter(None, candidates):
-        card = Path(where) / "stillroom.json"
-        if card.is_file():
-            return read_json(card)
-    return {}

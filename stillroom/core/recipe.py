@@ -68,6 +68,7 @@ class ExportConfig(Section):
     weight_only: Literal["int4", "int8"] | None = Field(
         None, description="weight-only quantisation (MatMulNBits)"
     )
+    with_teacher: bool = Field(False, description="copy the teacher into the artifact's teacher/ folder")
     options: dict[str, Any] = Field(
         default_factory=dict, description="further options of the chosen exporter (e.g. TensorRT profile)"
     )

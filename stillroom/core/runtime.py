@@ -34,20 +34,15 @@ def open_artifact(target: str | Path, format: str) -> artifacts.Artifact:
     return art
 
 
-def exported_from(root: Path) -> str:
-    """The model directory an artifact was exported from (the torch runtime times that model)."""
-    manifest = artifacts.read_manifest(root)
-    source = manifest.source
-    for key in ("model_dir", "student_dir", "path"):
-        if source.get(key):
-            return str(source[key])
-    for key in ("run_dir", "run"):
-        if source.get(key):
-            return str(Path(source[key]) / "student")
-    raise StillroomError(
-        f"artifact '{root}' does not record the model it was exported from",
-        "give the torch runtime the model directory itself",
-    )
+def refuse_artifact(path: Path) -> None:
+    """The torch runtime runs PyTorch models; an ONNX / TensorRT artifact holds graphs (and no run
+    folder is read behind its back), so pointing it at one is a one-line error."""
+    if is_artifact(path):
+        raise StillroomError(
+            f"'{path}' is an exported artifact; the torch runtime runs a PyTorch model directory",
+            "give the student directory (RUN/student) to --runtime torch, or bench the artifact "
+            "with --runtime onnxruntime",
+        )
 
 
 def is_artifact(path: Path) -> bool:

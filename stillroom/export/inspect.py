@@ -1,10 +1,11 @@
 """``stillroom inspect ARTIFACT``: what an exported artifact holds, read from its manifest.
 
-The summary is built from the manifest alone, section by section as the manifest has them (a
-sampler spec, geometry the exporter put under ``extra``), so a new family's artifacts show up
-without this module naming any family. Sizes come from the manifest's ``files`` entries, which
-``artifact.load`` has checked against the disk unless ``--no-verify`` skips the hashing. ``brief``
-is the short form of the same overview that ``stillroom export`` ends with.
+The summary is built from the manifest alone, section by section as the manifest has them (the
+family's typed ``spec``: a sampler, an LM's geometry; the facts the exporter put under ``extra``),
+so a new family's artifacts show up without this module naming any family. Sizes come from the
+manifest's ``files`` entries, which ``artifact.load`` has checked against the disk unless
+``--no-verify`` skips the hashing. ``brief`` is the short form of the same overview that
+``stillroom export`` ends with.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _overview(art: Any, summary: dict[str, Any]) -> list[tuple[str, str]]:
     m = art.manifest
     family = _value(summary["family"]) if summary["family"] else "[yellow]no installed family reads it"
     return [
+        ("task", _value(m.task or None)),
         ("kind", _value(m.kind)),
         ("family", family),
         ("format", _value(m.format)),
@@ -118,6 +120,7 @@ def _overview(art: Any, summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("precision", _value(m.precision)),
         ("variant", _value(m.variant or None)),
         ("tokenizer", _value(m.tokenizer)),
+        ("teacher", _value(m.teacher)),
         ("files", f"{summary['files_count']}, {_size(summary['files_bytes'])}"),
     ]
 
@@ -177,20 +180,21 @@ def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
     parts += [
         _tensors(title, specs) for title, specs in (("inputs", m.inputs), ("outputs", m.outputs)) if specs
     ]
-    if m.sampler:
-        parts.append(_pairs("sampler", [(k, _value(v)) for k, v in m.sampler.items()]))
+    if m.spec:
+        parts.append(_pairs("spec", [(k, _value(v)) for k, v in m.spec.items()]))
     nested = {k: v for k, v in m.extra.items() if isinstance(v, dict)}
-    for key, section in nested.items():  # e.g. an LM's KV-cache geometry under extra["cache"]
+    for key, section in nested.items():  # e.g. onnxruntime-genai's verdict under extra["genai"]
         parts.append(_pairs(key, [(k, _value(v)) for k, v in section.items()]))
     flat = [(k, _value(v)) for k, v in m.extra.items() if k not in nested]
     if flat:
         parts.append(_pairs("extra", flat))
     if m.validation:
         parts.append(_pairs("validation", _validation_rows(m.validation)))
-    provenance = [(f"source.{k}", _value(v)) for k, v in m.source.items()]
-    provenance += [(f"versions.{k}", _value(v)) for k, v in m.versions.items()]
-    if provenance:
-        parts.append(_pairs("provenance", provenance))
+    origin = m.provenance.model_dump()
+    nested_origin = {k: origin.pop(k) for k in ("source", "versions")}
+    rows = [(k, _value(v)) for k, v in origin.items()]
+    rows += [(f"{k}.{key}", _value(v)) for k, section in nested_origin.items() for key, v in section.items()]
+    parts.append(_pairs("provenance", rows))
     return parts
 
 

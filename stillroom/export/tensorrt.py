@@ -259,7 +259,7 @@ def compare_with_ort(
 
     sess, _ = ort_session.open_session(graph, ort_session.SessionOptions.checks())
     names = [o.name for o in sess.get_outputs()]
-    vocab = (onnx_art.manifest.extra.get("cache") or {}).get("vocab_size")
+    vocab = onnx_art.manifest.spec.get("vocab_size")  # token-id inputs are drawn below it
     rng = np.random.default_rng(0)
     worst = 0.0
     for which in ("min", "opt"):
@@ -326,8 +326,17 @@ def build(
                 "graphs": {"model": PLAN},
                 "tokenizer": "tokenizer" if onnx_art.manifest.tokenizer else None,
                 "validation": {**comparison, "onnx": m.validation},
-                "versions": {**provenance.versions(), "tensorrt": trt.__version__},
-                "source": {"type": "onnx-artifact", "path": str(onnx_art.root), "onnx_source": m.source},
+                "teacher": None,
+                "provenance": m.provenance.model_copy(
+                    update={
+                        "versions": {**provenance.versions(), "tensorrt": trt.__version__},
+                        "source": {
+                            "type": "onnx-artifact",
+                            "path": str(onnx_art.root),
+                            "onnx": m.provenance.source,
+                        },
+                    }
+                ),
                 "extra": {
                     **m.extra,
                     "profiles": profiles,

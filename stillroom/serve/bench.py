@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from stillroom.core import artifact as artifacts
-from stillroom.core.bench_plan import BenchSettings, Target, student_card
+from stillroom.core.bench_plan import BenchSettings, Target
 from stillroom.core.errors import StillroomError
 from stillroom.core.family import Family
 from stillroom.core.fsio import write_json
 from stillroom.core.host import get_host
-from stillroom.data import resolve
+from stillroom.data import locate, resolve
 
 log = logging.getLogger(__name__)
 RESERVED = ("target", "settings")  # job keys that bench_inputs may not take
@@ -33,12 +33,21 @@ RESERVED = ("target", "settings")  # job keys that bench_inputs may not take
 
 # -- what to compare ----------------------------------------------------------------------------------
 def default_teacher(artifact_dir: str | Path) -> Target | None:
-    """The teacher the artifact's student was distilled from (its recipe's ``teacher.path``), in torch."""
-    recipe = student_card(artifact_dir).get("recipe") or {}
-    spec = (recipe.get("teacher") or {}).get("path")
-    if not spec:
+    """The teacher to compare the artifact's student with, in torch: the copy inside the artifact
+    (``export --with-teacher``), else the teacher its recipe named (``provenance.teacher``) when that
+    is still reachable (``embedded:NAME``, a hub id, a path that exists). Only the artifact is read."""
+    manifest = artifacts.read_manifest(Path(artifact_dir))
+    if manifest.teacher:
+        spec = str(artifacts.safe_join(Path(artifact_dir), manifest.teacher))
+    elif manifest.provenance.teacher:
+        try:
+            spec = locate(manifest.provenance.teacher, "teacher")
+        except StillroomError as err:
+            log.warning("%s; benchmarking the student alone (pass --teacher, or export --with-teacher)", err)
+            return None
+    else:
         return None
-    return Target(name="teacher", runtime="torch", spec=str(spec), role="teacher")
+    return Target(name="teacher", runtime="torch", spec=spec, role="teacher")
 
 
 def parse_batches(text: str) -> list[int]:

@@ -31,6 +31,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
 from stillroom.plugins.diffusion import export_validation
+from stillroom.plugins.diffusion import spec as sampler_spec
 
 log = logging.getLogger(__name__)
 BATCH = "batch_size"
@@ -174,13 +175,16 @@ def export_generator_module(
     out_dir,
     *,
     source: dict[str, Any] | None = None,
+    model_dir: Path | None = None,
     text_encoder: nn.Module | None = None,
     tokenizer: Any = None,
     opset: int | None = None,
     fp16: bool = False,
     int8: bool = False,
 ) -> artifact.Artifact:
-    """Exports an in-memory generator (anything with ``FewStepGenerator``'s forward and attributes)."""
+    """Exports an in-memory generator (anything with ``FewStepGenerator``'s forward and attributes);
+    ``source`` is what export was pointed at and ``model_dir`` the student directory, if any (the
+    manifest's provenance comes from its student card)."""
     if int8 and fp16:
         raise StillroomError("--int8 and --fp16 are exclusive", "export one variant per artifact")
     generator = generator.eval().requires_grad_(False)
@@ -194,10 +198,7 @@ def export_generator_module(
         graph = staging.stage_dir(tmp, "fp32") / staging.GRAPH
         exported, fp32 = export_and_validate(module, names, "image", make, graph, "generator graph", opset)
         validation: dict[str, Any] = {"fp32": fp32}
-        extra: dict[str, Any] = {
-            "fp32_bytes": onnx_variants.file_bytes(graph),
-            "conditioning": info["conditioning"],
-        }
+        extra: dict[str, Any] = {"fp32_bytes": onnx_variants.file_bytes(graph)}
         if precision != "fp32":
             variant = staging.stage_dir(tmp, precision) / staging.GRAPH
             if int8:
@@ -245,19 +246,20 @@ def export_generator_module(
         if exported.dynamo_error:
             extra["dynamo_error"] = exported.dynamo_error
         final = validation[precision]
-        sampler = {"steps": None, "timesteps": [], "guidance": None, **info["sampler"]}
+        spec = sampler_spec.from_sampler(info["sampler"], info["conditioning"])
         manifest = artifact.Manifest(
             kind="generator",
+            family="diffusion",
+            task=spec.task,
             format="onnx",
             exporter=exported.exporter,
             precision=precision,
             graphs=graphs,
             inputs=inputs,
             outputs=outputs,
-            sampler=sampler,
+            spec=spec.model_dump(mode="json"),
             tokenizer="tokenizer" if text_encoder is not None and tokenizer is not None else None,
-            source=source or {},
-            versions=provenance.versions(),
+            provenance=provenance.record(source or {}, model_dir),
             validation={**final, "stages": validation},
             extra=extra,
         )
@@ -350,6 +352,7 @@ def export_generator(
         generator,
         out_dir,
         source=info,
+        model_dir=source.model_dir,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         opset=opset,

@@ -33,6 +33,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
 from stillroom.plugins.diffusion import diffusers_pipeline
+from stillroom.plugins.diffusion import spec as sampler_spec
 from stillroom.plugins.diffusion.sampler import ddim_timesteps, load_generator
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,16 @@ def export_diffusers(src: str | Path, out: str | Path, *, steps: int | None = No
                 f"{validation['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}); no artifact was written",
                 "report this with the student directory; `--to onnx` exports the same student",
             )
+        spec = sampler_spec.from_sampler(sampler, sampler.get("conditioning"))
         manifest = artifact.Manifest(
             kind="generator",
+            family="diffusion",
+            task=spec.task,
             format="diffusers",
             exporter="stillroom-diffusers",
             graphs={},
-            sampler={"steps": None, "timesteps": [], "guidance": None, **sampler},
-            source={**source.info, "steps_requested": steps},
-            versions=provenance.versions(),
+            spec=spec.model_dump(mode="json"),
+            provenance=provenance.record({**source.info, "steps_requested": steps}, student),
             validation=validation,
             extra={"pipeline_class": PIPELINE_CLASS},
         )

@@ -2,10 +2,10 @@
 (the unrolled sampler graph), tensorrt (its engine).
 
 Every loader returns an ``ImageGenerator``: ``generate(noise, class_labels, ...)`` -> images in
-[-1, 1], with the sampler's image shape and conditioning, so bench and serve see the same object
-whichever runtime produced it. Torch targets:
+[-1, 1], with the sampler's image shape and conditioning (an artifact's typed ``spec``), so bench and
+serve see the same object whichever runtime produced it. Torch targets (an artifact is refused: it
+holds graphs, and its student directory is not read behind its back):
 
-- an artifact directory: the student it was exported from;
 - a generator student directory (``stillroom.json`` + ``unet/``): its few-step sampler;
 - a diffusers teacher directory / ``embedded:NAME`` with ``unet/`` + ``scheduler/``: the teacher with
   DDIM (``steps``, default 50, and optional classifier-free ``guidance``).
@@ -26,6 +26,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.ort_session import GPU_PROVIDERS, SessionOptions, open_session
 from stillroom.core.tokenizer import load_tokenizer
 from stillroom.data import resolve
+from stillroom.plugins.diffusion.spec import spec_of
 
 TEACHER_STEPS = 50
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
@@ -203,9 +204,7 @@ def load_torch(
     spec = str(target)
     label = name or Path(spec).name or spec
     path = Path(resolve(spec)).expanduser()
-    if runtime.is_artifact(path):
-        spec = runtime.exported_from(path)
-        path = Path(resolve(spec)).expanduser()
+    runtime.refuse_artifact(path)
     if (path / "stillroom.json").is_file() and (path / "unet").is_dir():
         card = json.loads((path / "stillroom.json").read_text())
         if card.get("sampler"):
@@ -307,10 +306,13 @@ def load_onnxruntime(
     )
     session, active = open_session(art.graph("model"), opts)
     label = name or Path(target).name
-    info = {"artifact": str(target), "precision": art.manifest.precision, "source": art.manifest.source}
+    info = {
+        "artifact": str(target),
+        "precision": art.manifest.precision,
+        "provenance": art.manifest.provenance.model_dump(),
+    }
     device = "cuda" if active in GPU_PROVIDERS else "cpu"
-    sampler = dict(art.manifest.sampler or {})
-    sampler.setdefault("conditioning", art.manifest.extra.get("conditioning"))
+    sampler = spec_of(art.manifest).model_dump()
     vae = open_session(art.graph("vae_decoder"), opts)[0] if "vae_decoder" in art.manifest.graphs else None
     encode = _ort_prompt_encoder(art, opts) if "text_encoder" in art.manifest.graphs else None
     return ImageGenerator(
@@ -333,7 +335,7 @@ def load_tensorrt(target: str | Path, name: str | None = None) -> ImageGenerator
     runner = EngineRunner(art.graph("model"))
     label = name or Path(target).name
     info = {"artifact": str(target), "precision": art.manifest.precision}
-    sampler = dict(art.manifest.sampler or {})
+    sampler = spec_of(art.manifest).model_dump()
 
     def run(noise, class_labels=None, encoder_hidden_states=None, guidance_scale=None):
         feeds: dict[str, Any] = {"noise": noise}

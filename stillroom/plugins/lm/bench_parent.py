@@ -8,19 +8,23 @@ when both tokenizers are the same (the same ids mean the same tokens).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stillroom.core.bench_plan import student_card
+from stillroom.core.artifact import read_manifest
+from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import write_text
 
+log = logging.getLogger(__name__)
 DEFAULT_DATA = "embedded:shakespeare"
 
 
 def heldout_text(artifact_dir: str | Path | None) -> str:
-    """The held-out split of the student's training data (its recipe's data.source), else Shakespeare.
+    """The held-out split of the student's training data (the manifest's ``provenance.data``), else
+    Shakespeare when the artifact names none or its data is no longer at hand (a warning says so).
 
     A source without a valid split gives its train split: an honest in-distribution score beats none.
     """
@@ -28,9 +32,12 @@ def heldout_text(artifact_dir: str | Path | None) -> str:
 
     source = DEFAULT_DATA
     if artifact_dir is not None:
-        recipe = student_card(artifact_dir).get("recipe") or {}
-        source = (recipe.get("data") or {}).get("source") or DEFAULT_DATA
-    files = textdata.split_files(source, "valid") or textdata.split_files(source, "train")
+        source = read_manifest(Path(artifact_dir)).provenance.data or DEFAULT_DATA
+    try:
+        files = textdata.split_files(source, "valid") or textdata.split_files(source, "train")
+    except StillroomError as err:
+        log.warning("%s; scoring perplexity on %s instead", err, DEFAULT_DATA)
+        files = textdata.split_files(DEFAULT_DATA, "valid")
     return "\n".join(r.text for r in textdata.read_records(files))
 
 

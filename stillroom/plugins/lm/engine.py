@@ -48,6 +48,7 @@ import numpy as np
 from stillroom.core import artifact as artifacts
 from stillroom.core.errors import StillroomError
 from stillroom.core.ort_session import GPU_PROVIDERS, PROVIDERS, SessionOptions, open_session
+from stillroom.plugins.lm.spec import spec_of
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -79,12 +80,8 @@ def exported_variant(fused: bool, last_logits: bool) -> Variant:
 
 
 def variant_of(manifest: artifacts.Manifest) -> Variant:
-    """The manifest's graph variant, checked. Manifests written before ``variant`` existed said it in
-    ``extra`` (``fused``, and ``logits`` naming ``logits_to_keep``)."""
+    """The manifest's graph variant, checked."""
     name = manifest.variant
-    if not name:
-        extra = manifest.extra
-        name = exported_variant(bool(extra.get("fused")), LOGITS_TO_KEEP in str(extra.get("logits", "")))
     if name not in VARIANTS:
         raise StillroomError(
             f"the manifest names graph variant '{name}', which this stillroom does not know "
@@ -111,7 +108,7 @@ def open_engine(
     the variant and the cache geometry) or on a bare ``.onnx`` graph, for which ``variant`` says what
     it is. ``options`` defaults to ``SessionOptions.decode()`` (CPU)."""
     options = options or SessionOptions.decode()
-    cache: dict[str, Any] = {}
+    kv_heads = head_dim = None
     path = None if isinstance(target, artifacts.Artifact) else Path(target)
     if path is not None and path.suffix == ".onnx" and path.is_file():
         if variant is None:
@@ -128,14 +125,15 @@ def open_engine(
                 "export the LM with `stillroom export` (onnx)",
             )
         variant, graph = variant_of(art.manifest), art.graph("model")
-        cache = art.manifest.extra.get("cache") or {}
+        spec = spec_of(art.manifest)
+        kv_heads, head_dim = spec.kv_heads, spec.head_dim
     session, _ = open_session(graph, options)
     return FastLM(
         session,
         variant,
         device_id=options.device_id,
-        kv_heads=cache.get("kv_heads"),
-        head_dim=cache.get("head_dim"),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
     )
 
 

@@ -20,6 +20,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.tokenizer import load_tokenizer
 from stillroom.plugins.lm.decode_loop import Generation, LMBackend
 from stillroom.plugins.lm.sampling import SamplingParams
+from stillroom.plugins.lm.spec import LMSpec, spec_of
 
 if TYPE_CHECKING:
     from stillroom.core.tensorrt_engine import EngineRunner
@@ -134,31 +135,14 @@ def load_torch_lm(spec: str, device: str, compile: bool, name: str) -> LanguageM
 
 
 def load_torch(target: str, device: str = "cpu", compile: bool = False, name: str | None = None, **_: Any):
-    """An artifact means the model it was exported from; anything else is a transformers model spec."""
+    """A transformers model spec (a directory, ``embedded:NAME`` or a hub id) in eager PyTorch."""
     device = runtime.torch_device(device)
     label = name or Path(str(target)).name or str(target)
-    spec = str(target)
-    if runtime.is_artifact(Path(spec)):
-        spec = runtime.exported_from(Path(spec))
-    return load_torch_lm(spec, device, compile, label)
+    runtime.refuse_artifact(Path(str(target)))
+    return load_torch_lm(str(target), device, compile, label)
 
 
 # -- onnxruntime ----------------------------------------------------------------------------------
-def _context_length(source: dict[str, Any]) -> int | None:
-    """max_position_embeddings of the exported model, when its config.json is still where export found it."""
-    import json
-
-    for key in ("model_dir", "path"):
-        config = Path(str(source.get(key, ""))) / "config.json"
-        if source.get(key) and config.is_file():
-            try:
-                value = json.loads(config.read_text()).get("max_position_embeddings")
-            except (OSError, ValueError):
-                return None
-            return int(value) if value else None
-    return None
-
-
 def _tokenizer(art: artifacts.Artifact):
     if not art.manifest.tokenizer:
         raise StillroomError(f"causal-LM artifact '{art.root}' has no tokenizer", "re-run the export")
@@ -189,8 +173,8 @@ def load_onnxruntime(
         "artifact": str(target),
         "precision": art.manifest.precision,
         "variant": variant_of(art.manifest),
-        "source": art.manifest.source,
-        "context_length": _context_length(art.manifest.source),
+        "provenance": art.manifest.provenance.model_dump(),
+        "context_length": spec_of(art.manifest).max_length,
     }
     return LanguageModel(
         name or Path(target).name,
@@ -207,13 +191,12 @@ def load_onnxruntime(
 class TrtCausalLM:
     """``LMBackend`` over a KV-cache engine; the cache is a list of CUDA tensors (present -> past)."""
 
-    def __init__(self, runner: EngineRunner, extra: dict[str, Any]) -> None:
+    def __init__(self, runner: EngineRunner, spec: LMSpec) -> None:
         from stillroom.plugins.lm.engine import cache_names
 
         self.runner = runner
         self.past_names, self.present_names = cache_names(runner.inputs)
-        cache = {**extra, **(extra.get("cache") or {})}
-        self.kv_heads, self.head_dim = int(cache["kv_heads"]), int(cache["head_dim"])
+        self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
         self.has_positions = "position_ids" in runner.inputs
 
     def new_cache(self, batch: int, capacity: int | None = None) -> list[Any]:
@@ -251,7 +234,7 @@ def load_tensorrt(target: str | Path, name: str | None = None) -> LanguageModel:
     return LanguageModel(
         name or Path(target).name,
         "tensorrt",
-        TrtCausalLM(runner, art.manifest.extra),
+        TrtCausalLM(runner, spec_of(art.manifest)),
         _tokenizer(art),
         device="cuda",
         provider="tensorrt",

@@ -19,9 +19,10 @@ The artifact also loads outside stillroom, in the Optimum / transformers layout:
 ``generation_config.json`` of the exported model and the tokenizer files sit beside ``model.onnx``
 (so ``AutoConfig`` / ``AutoTokenizer.from_pretrained(artifact)`` and onnxruntime-genai's tokenizer
 find them), and ``genai_config.json`` (``genai_config``) lets ``onnxruntime_genai.Model(artifact)``
-generate from the graph; ``extra["genai"]`` says whether it can. The tokenizer is saved into
-``tokenizer/`` as well, the folder the manifest names: the TensorRT and Triton exporters copy that
-folder whole, which the artifact root (graphs included) could not be.
+generate from the graph; ``extra["genai"]`` says whether it can. The manifest's ``spec`` is
+``spec.LMSpec`` (geometry, special ids, context length): loaders need nothing outside the artifact.
+The tokenizer is saved into ``tokenizer/`` as well, the folder the manifest names: the TensorRT and
+Triton exporters copy that folder whole, which the artifact root (graphs included) could not be.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir, write_json
 from stillroom.core.ort_session import SessionOptions
 from stillroom.core.source import detect
+from stillroom.plugins.lm import spec as lm_spec
 from stillroom.plugins.lm.engine import Variant, exported_variant, open_engine
 from stillroom.plugins.lm.export import fused_graph, genai_config, graph_edits, validation
 from stillroom.plugins.lm.export.kv_cache_module import CacheGeometry, KVCacheLM
@@ -143,8 +145,7 @@ def export_causal_lm(
             f"'{model_dir}' is not a causal LM", "use export_generator for generator students"
         )
     model, tokenizer = load_lm(source.model_dir)
-    geometry = CacheGeometry.of(model.config)
-    family = str(getattr(model.config, "model_type", ""))
+    model_type = str(getattr(model.config, "model_type", ""))
     started = time.perf_counter()
     with atomic_dir(Path(out_dir)) as tmp:
         graph = staging.stage_dir(tmp, "fp32") / staging.GRAPH
@@ -164,7 +165,7 @@ def export_causal_lm(
             extra["optimizer_model_type"] = onnx_variants.optimize(
                 graph,
                 opt,
-                OPTIMIZER_TYPES.get(family, "gpt2"),
+                OPTIMIZER_TYPES.get(model_type, "gpt2"),
                 getattr(model.config, "num_attention_heads", 0),
                 getattr(model.config, "hidden_size", 0),
             )
@@ -187,14 +188,6 @@ def export_causal_lm(
         final = validation[precision if precision != "fp32" else ("optimized" if optimize else "fp32")]
         extra.update(
             {
-                "cache": {
-                    "layers": geometry.layers,
-                    "kv_heads": geometry.kv_heads,
-                    "head_dim": geometry.head_dim,
-                    "vocab_size": geometry.vocab_size,
-                    "layout": "batch, kv_heads, sequence, head_dim",
-                },
-                "model_type": family,
                 "optimized": optimize,
                 "export_seconds": round(time.perf_counter() - started, 3),
                 "graph_bytes": onnx_variants.file_bytes(tmp / staging.GRAPH),
@@ -205,6 +198,8 @@ def export_causal_lm(
             extra["dynamo_error"] = exported.dynamo_error
         manifest = artifact.Manifest(
             kind="causal-lm",
+            family="lm",
+            task="text-generation",
             format="onnx",
             exporter=exported.exporter,
             variant=variant,
@@ -212,9 +207,9 @@ def export_causal_lm(
             graphs={"model": staging.GRAPH},
             inputs=inputs,
             outputs=outputs,
+            spec=lm_spec.from_model(model.config, model.generation_config, tokenizer).model_dump(),
             tokenizer="tokenizer" if tokenizer is not None else None,
-            source=source.info,
-            versions=provenance.versions(),
+            provenance=provenance.record(source.info, source.model_dir),
             validation={**final, "stages": validation},
             extra=extra,
         )
