@@ -94,9 +94,16 @@ def test_cli_exports_lm_run_to_onnx_and_triton(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    onnx_art = artifact.load(tmp_path / "out" / "onnx")
-    assert onnx_art.manifest.source["type"] == "run" and onnx_art.manifest.validation["passed"]
-    assert artifact.load(tmp_path / "out" / "triton").manifest.format == "triton"
+    repo = artifact.load(tmp_path / "out")
+    assert repo.manifest.format == "triton" and repo.manifest.validation["passed"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "kd_lm",
+        "kd_lm_generate",
+        "manifest.json",
+    ]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the ONNX staging is gone
+    onnx_art = artifact.load(tmp_path / "out" / "kd_lm_generate" / "1" / "artifact")
+    assert onnx_art.manifest.format == "onnx" and onnx_art.manifest.provenance.source["type"] == "run"
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ def test_llama_artifact_is_validated_and_named_like_optimum(llama_artifact):
     assert v["passed"] and v["max_abs_diff"] <= v["tolerance"]
     assert v["greedy_match_tokens"] == v["greedy_total_tokens"] == 4 * 32
     assert (llama_artifact.root / "tokenizer" / "tokenizer.json").is_file() and m.tokenizer == "tokenizer"
-    assert m.source["type"] == "transformers" and "onnxruntime" in m.versions
+    assert m.provenance.source["type"] == "transformers" and "onnxruntime" in m.provenance.versions
+    assert m.task == "text-generation" and m.family == "lm" and m.provenance.created
 
 
 def test_prefill_with_empty_cache_matches_float64_reference(llama_artifact, llama_dir):
@@ -137,26 +138,47 @@ def _triton_model_config():
 
 
 def test_triton_repository_config_parses_with_tritons_schema(llama_artifact, tmp_path):
+    import onnx
     from google.protobuf import text_format
 
     from stillroom.export.triton import write_repository
 
     mc = _triton_model_config()
     repo = write_repository(llama_artifact, tmp_path / "repo", name="tiny_lm", instances=2, max_batch_size=4)
+    assert sorted(p.name for p in repo.root.iterdir()) == ["manifest.json", "tiny_lm", "tiny_lm_generate"]
     config = text_format.Parse((repo.root / "tiny_lm" / "config.pbtxt").read_text(), mc.ModelConfig())
     m = llama_artifact.manifest
     assert config.name == "tiny_lm" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
     assert [i.name for i in config.input] == [i.name for i in m.inputs]
     assert [o.name for o in config.output] == [o.name for o in m.outputs]
+    graph = onnx.load(str(repo.root / "tiny_lm" / "1" / "model.onnx"), load_external_data=False).graph
+    for entries, values in ((config.input, graph.input), (config.output, graph.output)):
+        for entry, value in zip(entries, values, strict=True):  # Triton's dims: the graph's after batch
+            assert entry.name == value.name
+            assert list(entry.dims) == [d.dim_value or -1 for d in value.type.tensor_type.shape.dim][1:]
     by_name = {i.name: i for i in config.input}
     assert by_name["input_ids"].data_type == mc.TYPE_INT64 and list(by_name["input_ids"].dims) == [-1]
     assert list(by_name["past_key_values.0.key"].dims) == [2, -1, 8]
-    assert (
-        config.output[0].data_type == mc.TYPE_FP32
-        and list(config.output[0].dims)[-1] == m.outputs[0].shape[-1]
-    )
+    assert config.output[0].data_type == mc.TYPE_FP32 and list(config.output[0].dims) == [-1, 300]
     assert config.HasField("dynamic_batching") and config.instance_group[0].count == 2
     assert (repo.root / "tiny_lm" / "1" / "model.onnx").is_file() and repo.manifest.format == "triton"
+    generate = text_format.Parse(
+        (repo.root / "tiny_lm_generate" / "config.pbtxt").read_text(), mc.ModelConfig()
+    )
+    assert generate.backend == "python" and generate.max_batch_size == 0
+    assert [(i.name, i.data_type, i.optional) for i in generate.input] == [
+        ("text", mc.TYPE_STRING, False),
+        ("max_tokens", mc.TYPE_INT32, True),
+        ("temperature", mc.TYPE_FP32, True),
+        ("seed", mc.TYPE_INT64, True),
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in generate.output] == [("text", mc.TYPE_STRING, [-1])]
+    assert (
+        generate.instance_group[0].count == 2
+        and generate.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    )
+    with pytest.raises(StillroomError, match="not a usable Triton model name"):
+        write_repository(llama_artifact, tmp_path / "bad", name="../tiny_lm")
 
 
 def test_source_detection_run_lm_and_errors(llama_dir, tmp_path):

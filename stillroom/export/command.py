@@ -3,7 +3,9 @@
 Every exporter has the signature ``fn(src, out, **options) -> Artifact`` and ignores options it does
 not use; ``--to`` offers whatever the host has registered, a plugin's exporter included. TensorRT and
 Triton start from an ONNX artifact: when SRC is not one already, the ONNX export (validated) is made
-first into ``<out>/onnx`` and the engine or repository is built from it into ``<out>/<name>``.
+first. TensorRT keeps it in ``<out>/onnx`` and builds the engine into ``<out>/tensorrt``; Triton makes
+it in a temporary sibling of ``<out>`` and builds the repository into ``<out>`` itself, which must hold
+only model folders (``stillroom.export.triton``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import click
 
+from stillroom.core.errors import StillroomError
 from stillroom.core.host import get_host
 from stillroom.core.registry_choice import RegistryChoice
 
@@ -42,6 +45,7 @@ def to_onnx(src, out, **options: Any):
 
 
 def _onnx_first(src, out: Path, **options):
+    """``src`` itself when it is an artifact, else its ONNX export into ``<out>/onnx``."""
     from stillroom.core import artifact
 
     if _is_artifact(Path(src)):
@@ -65,20 +69,39 @@ def to_tensorrt(src, out, *, profile: tuple[str, ...] = (), **options):
 
 
 def to_triton(src, out, *, name: str | None = None, instances: int = 1, max_batch: int = 8, **options):
+    """The Triton model repository ``out``; an ONNX export it needs first is staged beside ``out``
+    (``.OUT.*.tmp``, which ``run_exporter`` clears if a killed export left it) and removed after."""
+    import tempfile
+
     from stillroom.export import triton
 
-    source_art = _onnx_first(src, out, **options)
-    _stage("writing the Triton model repository")
-    return triton.write_repository(
-        source_art, Path(out) / "triton", name=name, instances=instances, max_batch_size=max_batch
-    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as staging:
+        source_art = _onnx_first(src, Path(staging), **options)
+        _stage("writing the Triton model repository")
+        return triton.write_repository(
+            source_art, out, name=name, instances=instances, max_batch_size=max_batch
+        )
 
 
-def run_exporter(src, out, to: str = "onnx", **options: Any):
-    """Clears what an interrupted export of ``out`` left, then runs the exporter registered as ``to``."""
+def run_exporter(src, out, to: str = "onnx", with_teacher: bool = False, **options: Any):
+    """Clears what an interrupted export of ``out`` left, then runs the exporter registered as ``to``;
+    ``with_teacher`` copies the student's teacher into the artifact (``export.teacher``)."""
     exporter = get_host().exporter(to)
+    if with_teacher and to == "triton":
+        raise StillroomError(
+            "--with-teacher does not apply to a Triton repository (Triton would load teacher/ as a model)",
+            "bundle the teacher with the onnx artifact: `stillroom export RUN --to onnx --with-teacher`",
+        )
     _remove_interrupted(Path(out))
-    return exporter(src, out, **options)
+    art = exporter(src, out, **options)
+    if with_teacher:
+        from stillroom.export import teacher
+
+        _stage("copying the teacher into the artifact")
+        art = teacher.bundle(art)
+    return art
 
 
 def _remove_interrupted(out: Path) -> None:
@@ -105,6 +128,11 @@ def _remove_interrupted(out: Path) -> None:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
 )
+@click.option(
+    "--with-teacher",
+    is_flag=True,
+    help="Copy the student's teacher into ARTIFACT/teacher, so `stillroom bench` compares with it anywhere.",
+)
 @click.option("--steps", type=int, default=None, help="Generators: re-target the sampler to K steps.")
 @click.option("--int8", is_flag=True, help="ORT dynamic int8 quantization (CPU), validated at task level.")
 @click.option("--fp16", is_flag=True, help="float16 graph (for GPUs), validated at task level.")
@@ -123,7 +151,9 @@ def _remove_interrupted(out: Path) -> None:
     help="LMs: weight-only quantisation with ORT MatMulNBits, validated at task level.",
 )
 @click.option("--profile", multiple=True, help="TensorRT: DIM=MIN:OPT:MAX, e.g. batch_size=1:4:16.")
-@click.option("--name", default=None, help="Triton: model name (default: the output folder's name).")
+@click.option(
+    "--name", default=None, help="Triton: model name (default: the run's method and family, e.g. kd_lm)."
+)
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton: instances per device.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Triton: max_batch_size.")
 def export(src: Path, target: str, out: Path, **options: Any) -> None:
