@@ -99,6 +99,8 @@ class DiffusionMethod(Method):
         self.student = self.make_student()
         roles = {"student": Role(self.student), "teacher": Role(self.teacher.unet, trainable=False)}
         roles.update(self.extra_roles())
+        if self.recipe.student.hybrid_teacher_steps:
+            self.hybrid_handover(self.schedule()[0])  # an untrained handover fails now, not after training
         return roles
 
     def make_student(self) -> torch.nn.Module:
@@ -202,7 +204,7 @@ class DiffusionMethod(Method):
         a, s = self.coeffs(t)
         return a * x0 + s * eps
 
-    def x0_eps(self, unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance=None):
+    def x0_eps(self, unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance=None, clip=True):
         """(x0, eps) of a *teacher-parametrised* network (the teacher, a critic copied from it) at (x, t),
         with CFG when ``guidance`` is given, and x0 clipped as the teacher's DDIM sampler clips it.
 
@@ -212,11 +214,13 @@ class DiffusionMethod(Method):
         (x - sigma eps_hat) / alpha amplifies eps errors by 1 / alpha (2e4 at t = 999 of the cosine
         schedule): without the clamp a teacher step from there is noise, and with the clamp but the raw
         eps the 50-step sampler drifts (measured on the embedded teacher: FID-like 58 vs 12).
+        ``clip=False`` gives the network's raw prediction, for losses that train it (a clamp there
+        would zero the gradient of every clamped pixel).
         """
         out = dm.cfg_output(unet, x, t, cond, uncond or cond, guidance)
         a, s = self.coeffs(t)
         x0, eps = gen.to_x0_eps(out, x, a, s, self.teacher.prediction)
-        if self.clip_x0 is not None:
+        if clip and self.clip_x0 is not None:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             eps = (x - a * x0) / s
         return x0, eps
@@ -287,18 +291,32 @@ class DiffusionMethod(Method):
         }
         spec = self.recipe.student
         if spec.hybrid_teacher_steps:
-            handover = spec.hybrid_handover or (timesteps[1] if len(timesteps) > 1 else int(0.75 * self.T))
             out = gen.with_hybrid(
                 out,
                 self.recipe.teacher.path,
                 self.T,
                 spec.hybrid_teacher_steps,
-                handover,
+                self.hybrid_handover(timesteps),
                 self.recipe.teacher.guidance,
                 t.prediction,
                 self.clip_x0,
             )
         return out
+
+    def hybrid_handover(self, timesteps: list[int]) -> int:
+        """Where the hybrid sampler's student takes over: one of the timesteps it was trained at below
+        its first (default: its second). A 1-step student was trained only at its first timestep, so
+        no handover below it is trained, and an untrained handover is refused rather than sampled."""
+        trained = [int(t) for t in timesteps[1:]]
+        handover = self.recipe.student.hybrid_handover or (trained[0] if trained else None)
+        if handover not in trained:
+            where = f"trained at {trained}" if trained else f"1 step, trained at t={timesteps[0]} only"
+            raise StillroomError(
+                f"hybrid handover {handover} is not a timestep the student was trained at ({where})",
+                "train with student.steps >= 2 and leave student.hybrid_handover unset (its second "
+                "timestep) or set it to one of its timesteps",
+            )
+        return handover
 
     # -- evaluation and saving ----------------------------------------------------------------------
     def evaluate(self, student: torch.nn.Module) -> dict[str, float]:

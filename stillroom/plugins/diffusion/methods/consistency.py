@@ -13,7 +13,14 @@ where x_e is the DDIM jump of the UNet's prediction from t to e, so f(x, e) = x 
 segment, e = 0 and f is LCM's consistency function, f(x, 0) = x). Loss (LCM eq. 10):
 
     L = d(f_theta(x_{t_{n+1}}, t_{n+1}, w), f_theta-(x_hat_{t_n}, t_n, w)),
-    d = ||.||^2 ("l2") or pseudo-Huber sqrt(||.||^2 + c^2) - c ("huber"),
+    d = ||.||^2 / dim ("l2") or pseudo-Huber d(a, b) = sqrt(||a - b||_2^2 + c^2) - c ("huber"),
+
+the pseudo-Huber metric of improved consistency training (Song & Dhariwal 2023, "Improved Techniques
+for Training Consistency Models", sec. 3.3): ||.||_2 is each sample's vector norm over all its
+C x H x W values and c = 0.00054 sqrt(dim) by default (their choice; ``huber_c`` overrides it).
+LCM's training script applies the same formula element-wise with c = 0.001, which is a different
+metric: per element it is L1-like almost everywhere, where the per-sample form is L2 for small
+errors and L1 only for outliers, which is the point of it.
 
 with theta- an EMA of theta (the target network). Hyper-SD divides [0, T) into K segments and learns
 consistency within each (the target maps to the segment's lower end); ``segments: [8, 4, 2, 1]`` runs
@@ -40,7 +47,7 @@ from stillroom.plugins.diffusion.base import DiffusionMethod, DiffusionParams
 class ConsistencyParams(DiffusionParams):
     ddim_steps: int = Field(50, ge=2, description="N: points of the skipping-step DDIM grid")
     loss_type: Literal["l2", "huber"] = "huber"
-    huber_c: float = Field(0.001, gt=0)
+    huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (default 0.00054 sqrt(dim), iCT)")
     target_ema: float = Field(0.95, ge=0, lt=1, description="EMA decay of the target network theta-")
     sigma_data: float = Field(0.5, gt=0)
     timestep_scaling: float = Field(10.0, gt=0)
@@ -52,9 +59,12 @@ class ConsistencyParams(DiffusionParams):
     steps_per_stage: int = Field(100, gt=0)
 
 
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Per-sample sqrt(||a - b||^2 / dim + c^2) - c as in LCM's training script (mean over samples)."""
-    d2 = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """Mean over samples of sqrt(||a_i - b_i||_2^2 + c^2) - c, the norm over each sample's values
+    (iCT sec. 3.3); c defaults to 0.00054 sqrt(dim)."""
+    d2 = ((a.float() - b.float()) ** 2).flatten(1).sum(1)
+    if c is None:
+        c = 0.00054 * a[0].numel() ** 0.5
     return (torch.sqrt(d2 + c**2) - c).mean()
 
 
