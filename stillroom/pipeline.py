@@ -132,8 +132,8 @@ def bench_stage(out: Path, label: str, measure: Callable[[], dict[str, Any]]) ->
 
 
 def _exported(out: Path, to: str) -> Artifact | None:
-    """The verified artifact in ``out``, or in ``out/<to>`` where exporters that build on an ONNX
-    export (tensorrt, triton) put theirs."""
+    """The verified artifact in ``out`` (Triton's repository is ``out`` itself), or in ``out/<to>``
+    where the TensorRT exporter puts its engine beside the ONNX export it builds on."""
     from stillroom.core import artifact
 
     for where in (out, out / to):

@@ -9,6 +9,14 @@ tokens V_p whose probabilities sum to at least p,
 renormalises P over V_p and samples from it. Probabilities are computed in float64 so that rows
 with large logits stay exact.
 
+Before either, OpenAI's presence and frequency penalties adjust the logits of tokens the row has
+already generated (``penalize``; c_j counts token j in the row's output so far):
+
+    z_j <- z_j - c_j * frequency_penalty - [c_j > 0] * presence_penalty
+
+and ``logprobs`` reports log-softmax of those adjusted logits (at temperature 1, before top-p): the
+model's own distribution as the request shaped it, not the truncated one a draw came from.
+
 Two implementations of the same distribution, on purpose: ``nucleus_candidates`` is what generation
 draws from and needs only the nucleus (candidates come from ``argpartition``, O(V); only if their
 mass falls short of p is the candidate set widened, so the vocabulary is sorted at most once and
@@ -33,6 +41,13 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     ignore_eos: bool = False
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # report the chosen token's logprob and the top ``logprobs`` others
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -41,6 +56,30 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+
+
+def penalize(logits: np.ndarray, generated: list[int], params: SamplingParams) -> np.ndarray:
+    """The row's logits with OpenAI's presence / frequency penalties for its ``generated`` tokens."""
+    if not params.penalized or not generated:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    out = logits.astype(np.float64, copy=True)
+    out[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log p(token), the k most likely (id, log p) pairs, most likely first) under softmax(logits)."""
+    z = logits.astype(np.float64)
+    logp = z - z.max()
+    logp -= np.log(np.exp(logp).sum())
+    top = np.argpartition(-logp, k - 1)[:k] if 0 < k < logp.shape[0] else np.arange(logp.shape[0])[:k]
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in top]
 
 
 def nucleus_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
