@@ -178,13 +178,15 @@ def summarize(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per student at the smallest batch: speedup over the teacher and quality ratio.
 
     quality ratio = teacher metric / student metric for the primary metric of the kind's family
-    (``Family.metric``, lower is better: FID-like for generators, perplexity for LMs), so 1.0 means
-    as good as the teacher.
+    (``Family.metric``; lower is better for FID-like and perplexity) and the inverse for a metric
+    whose family says ``higher_is_better`` (accuracy), so 1.0 means as good as the teacher and more
+    means better.
     """
     rows = []
     for report in reports:
         kind = report["kind"]
-        metric = get_host().family_of_kind(kind).metric
+        family = get_host().family_of_kind(kind)
+        metric = family.metric
         teacher = report.get("teacher") or {}
         t_quality = (teacher.get("quality") or {}).get(metric)
         smallest = min(report["settings"]["batches"])
@@ -214,11 +216,17 @@ def summarize(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "metric": metric,
                     "student_quality": quality,
                     "teacher_quality": t_quality,
-                    "quality_ratio": (t_quality / quality) if t_quality and quality else None,
+                    "quality_ratio": _ratio(t_quality, quality, family.higher_is_better),
                     "extra": {k: v for k, v in s["quality"].items() if k != metric},
                 }
             )
     return rows
+
+
+def _ratio(teacher: float | None, student: float | None, higher_is_better: bool) -> float | None:
+    if not teacher or not student:
+        return None
+    return student / teacher if higher_is_better else teacher / student
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:

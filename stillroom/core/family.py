@@ -46,7 +46,8 @@ class Family:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # the artifact kind its exporter writes and its runtimes read
-    metric: ClassVar[str] = ""  # its primary quality metric in bench reports (lower is better)
+    metric: ClassVar[str] = ""  # its primary quality metric in bench reports
+    higher_is_better: ClassVar[bool] = False  # the metric's direction (FID, perplexity: lower; accuracy)
     quality_keys: ClassVar[tuple[str, ...]] = ()  # bench report columns, ``metric`` first
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

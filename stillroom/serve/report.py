@@ -14,7 +14,8 @@ report.json::
                image models: "samples": "samples/NAME.png"}  |  {"name", "runtime", "error"}
 
 The report names no family: its quality columns are the ``quality_keys`` of the family of the
-report's kind (the first, ``metric``, is plotted against latency; lower is better), and each part
+report's kind (the first, ``metric``, is plotted against latency; ``Family.higher_is_better`` says
+which way is better), and each part
 appears when the rows carry its data: time-to-first-token columns, continuations, sample grids.
 The HTML embeds its plots (matplotlib, PNG as base64): p50 latency bars with p90 whiskers per batch
 size, quality against latency, the sample grids and continuations.
@@ -110,7 +111,8 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = get_host().family_of_kind(report["kind"]).metric
+    family = get_host().family_of_kind(report["kind"])
+    key = family.metric
     batch = min(report["settings"]["batches"])
     points = [
         r
@@ -136,7 +138,7 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
         )
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency ms at batch {batch}")
-    ax.set_ylabel(f"{key} (lower is better)")
+    ax.set_ylabel(f"{key} ({'higher' if family.higher_is_better else 'lower'} is better)")
     ax.set_title("quality vs latency")
     return _fig_bytes(fig)
 
