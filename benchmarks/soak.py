@@ -67,11 +67,16 @@ def soak(url: str, kind: str, clients: int, seconds: float, max_requests: int = 
     for t in threads:
         t.join(timeout=seconds + 120)
     wall = time.perf_counter() - started
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    hist = {}
-    for line in metrics.splitlines():
-        if line.startswith("stillroom_batch_size_bucket"):
-            hist[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    hist = {  # bucket upper bound (as a float: the library writes le="1.0") -> cumulative count
+        float(s.labels["le"]): s.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "stillroom_batch_size"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    }
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     return {
         "kind": kind,
@@ -85,9 +90,9 @@ def soak(url: str, kind: str, clients: int, seconds: float, max_requests: int = 
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "max_ms": round(float(lat.max()), 1),
-        "batches": hist.get("+Inf", 0.0),
-        "multi_item_batches": hist.get("+Inf", 0.0) - hist.get("1", 0.0),
-        "batch_histogram": hist,
+        "batches": hist.get(float("inf"), 0.0),
+        "multi_item_batches": hist.get(float("inf"), 0.0) - hist.get(1.0, 0.0),
+        "batch_histogram": {str(k): v for k, v in hist.items()},
     }
 
 

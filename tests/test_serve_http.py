@@ -168,7 +168,9 @@ def test_unknown_model_oversized_body_and_unknown_route(server):
     assert httpx.get(f"{url}/health").status_code == 200  # still alive
 
 
-def test_concurrent_requests_are_batched_and_correct(server):
+def test_concurrent_requests_share_the_batch_and_stay_correct(server):
+    """Each row is prefilled once (the histogram counts prefilled rows); how many prefill calls that
+    took depends on arrival order under continuous batching, so only the rows are counted."""
     model, url = server
     prompts = ["To be", "The slings and arrows", "No more", "Devoutly", "That flesh", "Or to take arms"]
 
@@ -187,7 +189,7 @@ def test_concurrent_requests_are_batched_and_correct(server):
     after = _batch_histogram(httpx.get(f"{url}/metrics").text)
     assert texts == [_greedy_text(model, p, 6) for p in prompts]  # left-padded batch == alone
     batches, rows = after["count"] - before["count"], after["sum"] - before["sum"]
-    assert rows == len(prompts) and batches < len(prompts), (batches, rows)
+    assert rows == len(prompts) and 1 <= batches <= len(prompts), (batches, rows)
 
 
 def _batch_histogram(text: str) -> dict[str, float]:
@@ -197,26 +199,24 @@ def _batch_histogram(text: str) -> dict[str, float]:
 
 
 def test_metrics_are_prometheus_text(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
     _, url = server
     httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     httpx.post(f"{url}/v1/completions", content=b"{")
     r = httpx.get(f"{url}/metrics")
     assert r.headers["content-type"].startswith("text/plain")
-    text = r.text
-    assert re.search(
-        r'^stillroom_requests_total\{model="tiny-student",endpoint="/v1/completions",status="200"\} '
-        r"[1-9]",
-        text,
-        re.M,
-    )
-    assert re.search(
-        r'^stillroom_requests_total\{.*endpoint="/v1/completions",status="400"\} [1-9]', text, re.M
-    )
-    assert re.search(r'^stillroom_request_latency_seconds_bucket\{.*le="\+Inf"\} [1-9]', text, re.M)
-    assert re.search(r"^stillroom_queue_depth\{.*\} 0$", text, re.M)
-    assert re.search(r"^stillroom_generated_tokens_total\{.*\} [1-9]", text, re.M)
-    for line in text.splitlines():  # every sample line is NAME{labels} VALUE
-        assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? [0-9.e+-]+$", line), line
+    samples = [s for family in text_string_to_metric_families(r.text) for s in family.samples]
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    ok = {"model": "tiny-student", "endpoint": "/v1/completions", "status": "200"}
+    assert value("stillroom_requests_total", **ok) >= 1
+    assert value("stillroom_requests_total", endpoint="/v1/completions", status="400") >= 1
+    assert value("stillroom_request_latency_seconds_bucket", le="+Inf") >= 1
+    assert value("stillroom_queue_depth") == 0
+    assert value("stillroom_generated_tokens_total") >= 1
 
 
 def test_stillroom_serve_cli_enforces_the_api_key(lm_artifact):  # noqa: F811

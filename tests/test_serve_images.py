@@ -1,4 +1,5 @@
-"""Generators: the onnxruntime and torch runtimes agree, and `/v1/images/generations` returns PNGs."""
+"""Generators: the onnxruntime and torch runtimes agree, and `/v1/images/generations` returns PNGs
+(or lossless WebP, or raw pixels), encoded off the event loop and batched by the arrival window."""
 
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def test_images_are_pngs_of_the_seeded_samples(image_server):
         {"n": 1, "class_label": 10},
         {"n": 1, "class_label": "3"},
         {"n": 1, "class_label": 1, "response_format": "url"},
+        {"n": 1, "class_label": 1, "output_format": "jpeg"},
+        {"n": 1, "class_label": 1, "output_format": 1},
         {"n": 1, "prompt": "a cat"},
         {"n": 1, "class_label": 1, "seed": -1},
     ],
@@ -130,8 +133,75 @@ def test_concurrent_image_requests_share_batches(image_server):
         assert np.abs(pixels - np.clip(np.round((alone.astype(np.float64) + 1) * 127.5), 0, 255)).max() <= 1
     metrics = httpx.get(f"{url}/metrics").text
     buckets = {
-        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        float(line.split('le="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
         if line.startswith("stillroom_batch_size_bucket")
     }
-    assert buckets["1"] < buckets["+Inf"], buckets  # at least one batch held more than one image
+    assert buckets[1] < buckets[float("inf")], buckets  # at least one batch held more than one image
+
+
+def _expected_pixels(model, n: int, label: int, seed: int) -> np.ndarray:
+    """[n, H, W] uint8: the sampler's images for (label, seed) as the server quantises them."""
+    images = model.generate(model.noise(n, seed), class_labels=np.full(n, label))
+    return np.clip(np.round((images[:, 0].astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def test_output_formats_carry_the_same_pixels(image_server):
+    from PIL import Image
+
+    model, url = image_server
+    expected = _expected_pixels(model, 2, 7, 5)
+    bodies = {
+        fmt: httpx.post(
+            f"{url}/v1/images/generations",
+            json={"n": 2, "class_label": 7, "seed": 5, "output_format": fmt},
+            timeout=60,
+        )
+        for fmt in ("png", "webp", "raw")
+    }
+    assert all(r.status_code == 200 for r in bodies.values()), {k: r.text for k, r in bodies.items()}
+    png = [_decode(item) for item in bodies["png"].json()["data"]]
+    webp = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in bodies["webp"].json()["data"]]
+    assert {image.format for image in webp} == {"WEBP"}
+    raw = bodies["raw"].json()
+    assert (raw["output_format"], raw["size"], raw["channels"]) == ("raw", "28x28", 1)
+    raw_pixels = [
+        np.frombuffer(base64.b64decode(d["b64_json"]), np.uint8).reshape(28, 28) for d in raw["data"]
+    ]
+    for ref, a, b, c in zip(expected, png, webp, raw_pixels, strict=True):
+        assert np.abs(a.astype(int) - ref).max() <= 1  # float32 vs float64 rounding at .5
+        np.testing.assert_array_equal(np.asarray(b.convert("L")), a)  # lossless
+        np.testing.assert_array_equal(c, a)
+    assert set(bodies["png"].json()) == {"created", "data", "seed"}  # the OpenAI shape, unchanged
+
+
+def test_the_schema_offers_exactly_the_encoders():
+    from typing import get_args
+
+    from stillroom.serve.server.image_worker import ENCODERS
+    from stillroom.serve.server.schemas import ImageRequest
+
+    assert set(get_args(ImageRequest.model_fields["output_format"].annotation)) == set(ENCODERS)
+
+
+def test_server_timing_names_every_stage(image_server):
+    _, url = image_server
+    r = httpx.post(f"{url}/v1/images/generations", json={"n": 1, "class_label": 2}, timeout=60)
+    assert r.status_code == 200
+    stages = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert list(stages) == ["parse", "queue", "assembly", "graph", "handoff", "encode", "serialise", "return"]
+    assert all(float(ms) >= 0 for ms in stages.values()) and float(stages["graph"]) > 0
+
+
+def test_encode_png_round_trips_grey_and_rgb():
+    from PIL import Image
+
+    from stillroom.serve.server.image_worker import encode_png, to_pixels
+
+    rng = np.random.default_rng(0)
+    for channels in (1, 3):
+        images = rng.uniform(-1.2, 1.2, (2, channels, 5, 7)).astype(np.float32)  # clipped outside [-1, 1]
+        pixels = to_pixels(images)
+        assert pixels.shape == (2, 5, 7, channels) and pixels.dtype == np.uint8
+        decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels[1]))))
+        np.testing.assert_array_equal(decoded.reshape(5, 7, channels), pixels[1])

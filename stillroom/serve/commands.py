@@ -248,7 +248,14 @@ def log_report(report: dict[str, Any], out: Path) -> None:
     default=8,
     show_default=True,
     type=click.IntRange(1, 1024),
-    help="Most requests run together in one batch.",
+    help="Most rows (LM choices, images) in one batch; LM requests join the running batch between steps.",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most requests waiting for the model; more are refused (429 with Retry-After).",
 )
 @click.option(
     "--max-wait-ms",
@@ -285,6 +292,25 @@ def log_report(report: dict[str, Any], out: Path) -> None:
 )
 @click.option("--allow-fallback", is_flag=True, help="Accept onnxruntime falling back to another provider.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option(
+    "--metrics-auth",
+    is_flag=True,
+    help="Require the API key on /health, /ready, /metrics and the docs too (by default they are open).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines (the access log included) as text, or as one JSON object per line.",
+)
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="On SIGTERM, seconds in-flight requests get to finish (new connections are refused at once).",
+)
 def serve(
     artifact: Path,
     runtime: str,
@@ -292,6 +318,7 @@ def serve(
     port: int,
     api_key: str | None,
     max_batch: int,
+    max_queue: int,
     max_wait_ms: float,
     max_body_bytes: int,
     timeout_s: float,
@@ -300,9 +327,17 @@ def serve(
     provider: str | None,
     allow_fallback: bool,
     threads: int | None,
+    metrics_auth: bool,
+    log_format: str,
+    grace: float,
 ) -> None:
-    """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching."""
+    """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching.
+
+    One access-log line per request; SIGTERM stops accepting, lets in-flight requests finish for up
+    to --grace seconds and exits 0.
+    """
     try:
+        from stillroom.serve.server.access import log_as_json
         from stillroom.serve.server.app import ServerSettings, create_app
         from stillroom.serve.server.run import serve_forever
     except ImportError as err:  # fastapi / uvicorn come with the serve extra, not the base install
@@ -311,6 +346,8 @@ def serve(
             "pip install 'stillroom[serve]'",
         ) from None
 
+    if log_format == "json":
+        log_as_json()
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning(
             "serving on %s without --api-key: anyone who can reach this address can use the model", host
@@ -324,10 +361,12 @@ def serve(
     settings = ServerSettings(
         api_key=api_key,
         max_batch=max_batch,
+        max_queue=max_queue,
         max_wait_ms=max_wait_ms,
         max_body_bytes=max_body_bytes,
         request_timeout_s=timeout_s,
         max_tokens_limit=max_tokens_limit,
+        metrics_auth=metrics_auth,
     )
     log.info("serving %s (%s on %s) at http://%s:%d", model.name, model.kind, model.provider, host, port)
-    serve_forever(create_app(model, settings), host, port)
+    serve_forever(create_app(model, settings), host, port, grace)

@@ -73,7 +73,8 @@ class Served:
 
 @contextmanager
 def serve(artifact: Path, workdir: Path, *args: str, timeout: float = 120):
-    """Starts `stillroom serve ARTIFACT --port P ...` with ``workdir`` as its cwd; stops it after."""
+    """Starts `stillroom serve ARTIFACT --port P ...` with ``workdir`` as its cwd, ready (its model warm);
+    stops it after."""
     port = free_port()
     log = workdir.parent / f"{workdir.name}-serve-{port}.log"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def serve(artifact: Path, workdir: Path, *args: str, timeout: float = 120):
             if proc.poll() is not None:
                 raise RuntimeError(f"stillroom serve exited {proc.returncode}: {log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code in (200, 401):  # 401: --api-key
+                # 503 until the model answered its warm-up request; 401: --metrics-auth
+                if httpx.get(f"{url}/ready", timeout=2).status_code in (200, 401):
                     break
             except httpx.HTTPError:
                 pass
@@ -121,20 +123,21 @@ def serve(artifact: Path, workdir: Path, *args: str, timeout: float = 120):
             proc.wait()
 
 
-def batch_size_histogram(metrics_text: str) -> dict[str, float]:
-    """``{le: cumulative count}`` of the ``stillroom_batch_size`` histogram in a /metrics page."""
-    out: dict[str, float] = {}
+def batch_size_histogram(metrics_text: str) -> dict[float, float]:
+    """``{le: cumulative count}`` of the ``stillroom_batch_size`` histogram in a /metrics page
+    (``le`` as a number: ``1.0`` and ``1`` are the same bucket; ``+Inf`` is ``inf``)."""
+    out: dict[float, float] = {}
     for line in metrics_text.splitlines():
         if line.startswith("stillroom_batch_size_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[le] = float(line.rsplit(" ", 1)[1])
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
     return out
 
 
 def multi_row_batches(metrics_text: str) -> float:
     """How many model batches held more than one row or image (micro-batching at work)."""
     hist = batch_size_histogram(metrics_text)
-    return hist.get("+Inf", 0.0) - hist.get("1", 0.0)
+    return hist.get(float("inf"), 0.0) - hist.get(1.0, 0.0)
 
 
 def status_counts(metrics_text: str) -> dict[int, float]:

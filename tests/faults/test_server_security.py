@@ -1,5 +1,6 @@
-"""`stillroom serve` security defaults, checked on a live process: loopback bind, API key, body limit,
-request timeout, and error bodies that never carry a stack trace."""
+"""`stillroom serve` security defaults, checked on a live process: loopback bind, API key (on every
+route but the probes and /metrics), body limit, request timeout, and error bodies that never carry a
+stack trace."""
 
 from __future__ import annotations
 
@@ -59,17 +60,14 @@ def test_live_server_binds_loopback_enforces_key_body_limit_and_timeout(lm_art, 
             {"Authorization": f"Bearer {KEY[:-1]}"},
             {"Authorization": f"bearer {KEY}"},
         ):
-            for method, path in (
-                ("POST", "/v1/completions"),
-                ("GET", "/v1/models"),
-                ("GET", "/metrics"),
-                ("GET", "/health"),
-            ):
+            for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/nowhere")):
                 r = httpx.request(
                     method, url + path, json=body if method == "POST" else None, headers=headers, timeout=10
                 )
                 assert r.status_code == 401 and no_trace(r)["code"] == "invalid_api_key", (headers, path)
                 assert r.headers["www-authenticate"] == "Bearer"
+            for path in ("/health", "/ready", "/metrics"):  # probes and scrapers have no key (--metrics-auth)
+                assert httpx.get(url + path, headers=headers, timeout=10).status_code == 200, (headers, path)
 
         ok = httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=30)
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None

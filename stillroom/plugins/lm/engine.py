@@ -33,12 +33,17 @@ What it does, each kept because it was measured to pay (``benchmarks/lm_runtime.
 
 What a graph supports is never guessed from the graph itself: the exporter writes the variant's name
 into the manifest (``Manifest.variant``) and ``variant_of`` reads it back.
+
+For continuous batching the engine also moves cache rows: ``regroup_cache`` builds the cache of a
+new batch from rows of the running batch and of newly prefilled rows, each part shifted to the new
+width, and ``place_rows`` writes newcomers over finished rows in place. The loop
+(``decode_loop.Scheduler``) explains the padded batch layout these serve.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,13 +70,21 @@ class GraphVariant:
     last_logits: bool  # has the optional ``logits_to_keep`` input (ask for the last position only)
     shares_kv: bool  # attention appends in place when past and present share one buffer (GQA, CPU)
     chunked_prefill: bool  # runs a multi-token chunk on top of a cache at batch > 1 (GQA refuses)
+    # RoPE rotates each cached key by its cache column, not by ``position_ids`` (GQA's ``do_rotary``):
+    # a key moved by s columns must be rotated by s positions
+    rope_by_column: bool
 
 
 VARIANTS: dict[Variant, GraphVariant] = {
-    "kv-cache": GraphVariant(last_logits=False, shares_kv=False, chunked_prefill=True),
-    "kv-cache-last-logits": GraphVariant(last_logits=True, shares_kv=False, chunked_prefill=True),
-    "fused": GraphVariant(last_logits=True, shares_kv=True, chunked_prefill=False),
+    "kv-cache": GraphVariant(last_logits=False, shares_kv=False, chunked_prefill=True, rope_by_column=False),
+    "kv-cache-last-logits": GraphVariant(
+        last_logits=True, shares_kv=False, chunked_prefill=True, rope_by_column=False
+    ),
+    "fused": GraphVariant(last_logits=True, shares_kv=True, chunked_prefill=False, rope_by_column=True),
 }
+# the fused graph's RoPE tables (``export/fused_graph.py``), cos and sin [max_positions, head_dim / 2]
+# with the model's attention scaling folded in
+ROPE_TABLES = ("rope.cos", "rope.sin")
 
 
 def exported_variant(fused: bool, last_logits: bool) -> Variant:
@@ -108,7 +121,7 @@ def open_engine(
     the variant and the cache geometry) or on a bare ``.onnx`` graph, for which ``variant`` says what
     it is. ``options`` defaults to ``SessionOptions.decode()`` (CPU)."""
     options = options or SessionOptions.decode()
-    kv_heads = head_dim = None
+    kv_heads = head_dim = max_length = None
     path = None if isinstance(target, artifacts.Artifact) else Path(target)
     if path is not None and path.suffix == ".onnx" and path.is_file():
         if variant is None:
@@ -126,7 +139,7 @@ def open_engine(
             )
         variant, graph = variant_of(art.manifest), art.graph("model")
         spec = spec_of(art.manifest)
-        kv_heads, head_dim = spec.kv_heads, spec.head_dim
+        kv_heads, head_dim, max_length = spec.kv_heads, spec.head_dim, spec.max_length
     session, _ = open_session(graph, options)
     return FastLM(
         session,
@@ -134,6 +147,8 @@ def open_engine(
         device_id=options.device_id,
         kv_heads=kv_heads,
         head_dim=head_dim,
+        graph=Path(graph),
+        max_columns=max_length if VARIANTS[variant].rope_by_column else None,
     )
 
 
@@ -164,10 +179,15 @@ class FastLM:
         device_id: int = 0,
         kv_heads: int | None = None,
         head_dim: int | None = None,
+        graph: Path | None = None,
+        max_columns: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
-        self.session, self.variant = session, VARIANTS[variant]
+        self.session, self.variant, self.graph = session, VARIANTS[variant], graph
+        # a batch's widest (``decode_loop.RegroupingBackend``): a graph that rotates keys by cache
+        # column has RoPE tables for the context length only
+        self.max_columns = max_columns
         self.provider = next(k for k, v in PROVIDERS.items() if v == session.get_providers()[0])
         self.device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
         self.device_id = device_id
@@ -198,21 +218,26 @@ class FastLM:
         self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         self._keep_all = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64))
         self.shares_kv = self.device == "cpu" and self.variant.shares_kv and self.has_positions
+        self._keys = [name.endswith(".key") for name in self.past_names]
+        self._rope: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _ortvalue(self, array: np.ndarray):
+        """``array`` as an ``OrtValue`` on the engine's device (on CPU it wraps the array's memory)."""
+        device = (self.device, self.device_id) if self.device != "cpu" else ("cpu", 0)
+        return self._ort.OrtValue.ortvalue_from_numpy(array, *device)
 
     # -- LMBackend ------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> FastCache:
         """An empty cache; with ``capacity`` (total positions) a shared one where the graph allows it."""
-        ort = self._ort
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
-        device = (self.device, self.device_id) if self.device != "cpu" else ("cpu", 0)
-        cache = FastCache([ort.OrtValue.ortvalue_from_numpy(empty, *device) for _ in self.past_names])
+        cache = FastCache([self._ortvalue(empty) for _ in self.past_names])
         if capacity and self.shares_kv and self.past_names:
             shape = (batch, self.kv_heads, int(capacity), self.head_dim)
             cache.arrays = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
             cache.binding = self.session.io_binding()
             cache.binding.bind_output("logits", "cpu")
             for past, present, array in zip(self.past_names, self.present_names, cache.arrays, strict=True):
-                value = ort.OrtValue.ortvalue_from_numpy(array)  # wraps the array's memory on CPU
+                value = self._ortvalue(array)  # wraps the array's memory (a shared cache is on CPU)
                 cache.binding.bind_ortvalue_input(past, value)
                 cache.binding.bind_ortvalue_output(present, value)
         return cache
@@ -237,6 +262,84 @@ class FastLM:
         ids = np.asarray(input_ids, dtype=np.int64)
         positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
         return self.chunk_logits(ids, np.ones_like(ids), positions, self.new_cache(ids.shape[0]))[0]
+
+    # -- continuous batching ----------------------------------------------------------------------
+    def regroup_cache(
+        self, parts: Sequence[tuple[FastCache, Sequence[int], int]], width: int, capacity: int | None = None
+    ) -> FastCache:
+        """A new cache of the listed ``rows`` of each part ``(cache, rows, part_width)``, in order,
+        right-aligned in ``width`` columns (shared with ``capacity`` where the graph allows it).
+
+        A part's column j becomes column ``j + width - part_width``: a narrower part gains zeroed
+        leading columns (masked by the loop), a wider one loses leading columns that only hold
+        padding of the rows kept. Copies every row: the loop calls it when the batch grows, widens or
+        is compacted, not for every newcomer (``place_rows``).
+        """
+        batch = sum(len(rows) for _, rows, _ in parts)
+        cache = self.new_cache(batch, capacity)
+        shape = (batch, self.kv_heads, width, self.head_dim)
+        layers = cache.arrays or [np.empty(shape, self.kv_dtype) for _ in self.past_names]
+        start = 0
+        for part, rows, part_width in parts:
+            self._copy_rows(layers, range(start, start + len(rows)), width, part, rows, part_width)
+            start += len(rows)
+        if cache.arrays:
+            cache.length = width
+        else:
+            cache.values = [self._ortvalue(layer) for layer in layers]
+        return cache
+
+    def place_rows(
+        self,
+        cache: FastCache,
+        width: int,
+        slots: Sequence[int],
+        source: FastCache,
+        rows: Sequence[int],
+        source_width: int,
+        capacity: int | None = None,
+    ) -> FastCache:
+        """``cache`` (``width`` columns) with ``rows`` of ``source`` written over its rows ``slots``,
+        right-aligned as in ``regroup_cache``: a newcomer takes a finished row's place without copying
+        the batch. In place on CPU (a shared cache that ``capacity`` outgrows is regrouped first); a
+        device cache makes the round trip through host memory."""
+        if cache.arrays and capacity and capacity > cache.arrays[0].shape[2]:
+            cache = self.regroup_cache([(cache, range(cache.arrays[0].shape[0]), width)], width, capacity)
+        layers = cache.arrays or _numpy(cache.values)  # views of the cache on CPU
+        self._copy_rows(layers, slots, width, source, rows, source_width)
+        if self.device == "cpu":
+            return cache
+        return FastCache([self._ortvalue(layer) for layer in layers])
+
+    def _copy_rows(self, layers, slots, width: int, source: FastCache, rows, source_width: int) -> None:
+        """Row ``rows[i]`` of ``source`` into row ``slots[i]`` of ``layers`` [B, H, >= width, D], the
+        source's last columns to the target's last ``width`` ones, the target's leading columns zeroed.
+        Keys that move on a ``rope_by_column`` graph are rotated by the shift (``_rotated``)."""
+        kept, shift = min(source_width, width), width - source_width
+        sources = [a[:, :, :source_width] for a in source.arrays] if source.arrays else _numpy(source.values)
+        for layer, src, is_key in zip(layers, sources, self._keys, strict=True):
+            rotate = is_key and self.variant.rope_by_column and shift != 0
+            for slot, row in zip(slots, rows, strict=True):
+                block = src[row, :, source_width - kept : source_width]
+                layer[slot, :, width - kept : width] = self._rotated(block, shift) if rotate else block
+                layer[slot, :, : width - kept] = 0
+
+    def _rotated(self, keys: np.ndarray, shift: int) -> np.ndarray:
+        """``keys`` [..., D] rotated by ``shift`` positions, RoPE's rotate-half layout.
+
+        Rotations compose, R(n + s) = R(s) R(n), so a key rotated for column n becomes the key for
+        column n + s. R(s) is the graph's own table row s (row -s: the transposed rotation) divided by
+        its scale (row 0's cosine); the result equals a fresh rotation up to float32 rounding.
+        """
+        if self._rope is None:
+            self._rope = _rope_tables(self.graph)
+        cos, sin = self._rope
+        half = cos.shape[1]
+        c = (cos[abs(shift)] / cos[0, 0]).astype(np.float32)
+        s = (np.sign(shift) * sin[abs(shift)] / cos[0, 0]).astype(np.float32)
+        first, second = keys[..., :half].astype(np.float32), keys[..., half : 2 * half].astype(np.float32)
+        turned = [first * c - second * s, second * c + first * s, keys[..., 2 * half :]]
+        return np.concatenate(turned, axis=-1).astype(keys.dtype)
 
     # -- one step ---------------------------------------------------------------------------------
     def _run(
@@ -303,3 +406,24 @@ class FastLM:
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), FastCache(present)
+
+
+def _numpy(values: list[Any]) -> list[np.ndarray]:
+    """``OrtValue``s as arrays (views of ORT's memory on CPU, host copies of device memory)."""
+    return [value.numpy() for value in values]
+
+
+def _rope_tables(graph: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (cos, sin) tables of a fused graph file (its other weights stay on disk)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if graph is None:
+        raise StillroomError(
+            "this engine has no graph file to read the RoPE tables from", "open it with open_engine"
+        )
+    model = onnx.load(str(graph), load_external_data=False)
+    tables = {t.name: t for t in model.graph.initializer if t.name in ROPE_TABLES}
+    if len(tables) != len(ROPE_TABLES):
+        raise StillroomError(f"the fused graph '{graph}' has no RoPE tables {ROPE_TABLES}", "re-export it")
+    return tuple(numpy_helper.to_array(tables[n], base_dir=str(graph.parent)) for n in ROPE_TABLES)

@@ -2,43 +2,53 @@
 
 LMs get ``/v1/completions`` and, when the tokenizer has a chat template, ``/v1/chat/completions``
 (both with ``stream: true`` as server-sent events ending in ``data: [DONE]``); generators get
-``/v1/images/generations``. Every server has ``/v1/models``, ``/health`` and ``/metrics``. Request
-metrics sit outermost (so refused requests are counted too), then the guard (API key, body limit),
-then the routes.
+``/v1/images/generations``. Every server has ``/v1/models``, ``/health`` (liveness), ``/ready`` (the
+model answered its warm-up request), ``/metrics`` (Prometheus) and its OpenAPI document
+(``/openapi.json``, browsable at ``/docs``). The request middleware sits outermost (request ids,
+metrics, the access log: refused requests are counted and logged too), then the guard (API key,
+body limit), then the routes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stillroom import __version__
 from stillroom.plugins.diffusion.runtime import ImageGenerator
 from stillroom.plugins.lm.runtime import LanguageModel
 from stillroom.plugins.lm.sampling import SamplingParams
-from stillroom.serve.server.batcher import MicroBatcher
+from stillroom.serve.server.access import CLIENT_CLOSED, RequestMiddleware, TokenClock
+from stillroom.serve.server.batcher import ArrivalWindow, MicroBatcher
 from stillroom.serve.server.errors import ApiError, error_body, error_response, validation_message
 from stillroom.serve.server.guard import Guard
-from stillroom.serve.server.image_worker import ImageJob, run_image_batch, to_png_b64
-from stillroom.serve.server.lm_worker import LMJob, run_lm_batch
+from stillroom.serve.server.image_worker import ImageBatch, ImageJob
+from stillroom.serve.server.lm_worker import LMJob, LMWorker
 from stillroom.serve.server.metrics import Metrics
+from stillroom.serve.server.openapi import describe
 from stillroom.serve.server.schemas import ChatRequest, CompletionRequest, ImageRequest
 
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED = 499
+# answered without the API key unless ServerSettings.metrics_auth: probes, scrapers and the API docs
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
 
 
 @dataclass
@@ -50,6 +60,8 @@ class ServerSettings:
     request_timeout_s: float = 120.0
     max_tokens_limit: int = 512
     max_queue: int = 256
+    continuous_batching: bool = True  # LMs: requests join the running batch between decode steps
+    metrics_auth: bool = False  # the API key on OPEN_PATHS too
 
 
 # -- request helpers ----------------------------------------------------------------------------------
@@ -80,46 +92,20 @@ def check_model(requested: str | None, name: str) -> None:
         )
 
 
-class MetricsMiddleware:
-    """Counts each request by route and status and times it until its last body byte (streams too)."""
-
-    def __init__(self, app, metrics: Metrics, routes: set[str]) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = None
-        endpoint = scope["path"] if scope["path"] in self.routes else "other"
-
-        async def wrapped(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, wrapped)
-        except BaseException:
-            status = status or 500
-            raise
-        finally:
-            # no response and no error: the client hung up first (499, "client closed request")
-            self.metrics.request(endpoint, status or CLIENT_CLOSED, time.perf_counter() - start)
-
-
 # -- LM routes ----------------------------------------------------------------------------------------
+HANG_UP_POLL_S = 0.5  # how often a request answered in one body checks that its client is still there
+
+
 class LMService:
     def __init__(self, model: LanguageModel, settings: ServerSettings, metrics: Metrics) -> None:
         self.model, self.settings, self.metrics = model, settings, metrics
-        self.batcher = MicroBatcher(
-            lambda jobs: run_lm_batch(model, metrics, jobs),
-            settings.max_batch,
-            settings.max_wait_ms,
+        self.batcher = LMWorker(
+            model,
             metrics,
+            settings.max_batch,
             settings.max_queue,
+            settings.max_wait_ms,
+            settings.continuous_batching,
         )
         self.context = model.info.get("context_length")
 
@@ -168,10 +154,14 @@ class LMService:
     async def _events(self, job: LMJob) -> AsyncIterator[tuple]:
         remaining = job.size
         deadline = time.monotonic() + self.settings.request_timeout_s
+        clock = TokenClock(self.metrics, job.submitted)
         try:
             while remaining:
                 try:
-                    item = await asyncio.wait_for(job.queue.get(), max(deadline - time.monotonic(), 0.001))
+                    left = deadline - time.monotonic()
+                    if left <= 0:  # also while tokens keep arriving
+                        raise asyncio.TimeoutError
+                    item = await asyncio.wait_for(job.queue.get(), left)
                 except asyncio.TimeoutError:
                     raise ApiError(
                         504,
@@ -183,21 +173,26 @@ class LMService:
                     raise item
                 if item[0] == "done":
                     remaining -= 1
+                clock.observe(item)
                 yield item
         finally:
             job.cancelled = True if remaining else job.cancelled
 
-    async def _collect(self, job: LMJob) -> tuple[list[str], list[str], int, int]:
+    async def _collect(self, job: LMJob, request: Request) -> tuple[list[str], list[str], int, int]:
         texts, reasons = [""] * job.size, ["stop"] * job.size
         prompt_tokens = completion_tokens = 0
-        async for item in self._events(job):
-            if item[0] == "delta":
-                texts[item[1]] += item[2]
-            else:
-                _, choice, reason, p_tok, c_tok = item
-                reasons[choice] = reason
-                prompt_tokens += p_tok
-                completion_tokens += c_tok
+        watch = asyncio.create_task(_cancel_on_hang_up(request, job))
+        try:
+            async for item in self._events(job):
+                if item[0] == "delta":
+                    texts[item[1]] += item[2]
+                else:
+                    _, choice, reason, p_tok, c_tok = item
+                    reasons[choice] = reason
+                    prompt_tokens += p_tok
+                    completion_tokens += c_tok
+        finally:
+            watch.cancel()
         return texts, reasons, prompt_tokens, completion_tokens
 
     def _stream(self, job: LMJob, chunk) -> StreamingResponse:
@@ -241,7 +236,7 @@ class LMService:
                 }
 
             return self._stream(job, chunk)
-        texts, reasons, p_tok, c_tok = await self._collect(job)
+        texts, reasons, p_tok, c_tok = await self._collect(job, request)
         choices = [
             {"text": t, "index": i, "logprobs": None, "finish_reason": _reason(r)}
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
@@ -289,12 +284,21 @@ class LMService:
                 }
 
             return self._stream(job, chunk)
-        texts, reasons, p_tok, c_tok = await self._collect(job)
+        texts, reasons, p_tok, c_tok = await self._collect(job, request)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _reason(r)}
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
         return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(p_tok, c_tok)}
+
+
+async def _cancel_on_hang_up(request: Request, job: LMJob) -> None:
+    """A request answered in one body: when its client hangs up, its rows leave the batch and the
+    handler ends (a stream notices by itself, when it next sends)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(HANG_UP_POLL_S)
+    job.cancelled = True
+    job.queue.put_nowait(ApiError(CLIENT_CLOSED, "the client closed the request", code="client_closed"))
 
 
 def _reason(reason: str) -> str:
@@ -310,15 +314,30 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 # -- image routes -------------------------------------------------------------------------------------
+# A request's time in the handler, stage by stage (they add up to it): parse (body to job), queue
+# (until a batch takes it), assembly (inputs of the batch), graph (the sampler call), handoff (until
+# the finishing thread starts the batch), encode (the batch's pixels, the images of the requests
+# before it in the batch and its own, base64), serialise (its JSON body), return (the rest of the
+# batch's bodies and the hop back to the event loop).
+IMAGE_STAGES = ("parse", "queue", "assembly", "graph", "handoff", "encode", "serialise", "return")
+
+
 class ImageService:
+    """``/v1/images/generations``: the handler validates and queues; the batcher's threads do the rest.
+
+    The answer arrives as finished JSON bytes (encoded off the event loop, see ``image_worker``), with
+    a ``Server-Timing`` header: the milliseconds the request spent in each of ``IMAGE_STAGES``.
+    """
+
     def __init__(self, model: ImageGenerator, settings: ServerSettings, metrics: Metrics) -> None:
         self.model, self.settings, self.metrics = model, settings, metrics
         self.batcher = MicroBatcher(
-            lambda jobs: run_image_batch(model, metrics, jobs),
+            ImageBatch(model, metrics),
             settings.max_batch,
             settings.max_wait_ms,
             metrics,
             settings.max_queue,
+            window=ArrivalWindow(settings.max_wait_ms / 1000.0),
         )
 
     def _label(self, body: ImageRequest) -> int | None:
@@ -346,7 +365,8 @@ class ImageService:
             )
         return label
 
-    async def generations(self, request: Request):
+    async def generations(self, request: Request) -> Response:
+        started = time.perf_counter()
         body = await parse(request, ImageRequest)
         check_model(body.model, self.model.name)
         label = self._label(body)
@@ -354,17 +374,17 @@ class ImageService:
             raise ApiError(
                 400, "this model is text-conditional: give a prompt", param="prompt", code="missing_prompt"
             )
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
         job = ImageJob(
             body.n,
-            seed,
+            body.seed if body.seed is not None else secrets.randbits(63),
             label,
             body.prompt,
             float(body.guidance_scale) if body.guidance_scale is not None else None,
+            body.output_format,
         )
         self.batcher.submit(job)
         try:
-            result = await asyncio.wait_for(job.queue.get(), self.settings.request_timeout_s)
+            payload = await asyncio.wait_for(job.future, self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             job.cancelled = True
             raise ApiError(
@@ -373,15 +393,62 @@ class ImageService:
                 "timeout",
                 code="timeout",
             ) from None
-        if isinstance(result, Exception):
-            raise result
-        pngs = await asyncio.to_thread(lambda: [to_png_b64(img) for img in result])
-        return {"created": int(time.time()), "data": [{"b64_json": png} for png in pngs], "seed": seed}
+        job.timing["parse"] = job.submitted - started
+        job.timing["queue"] = job.taken - job.submitted
+        job.timing["return"] = time.perf_counter() - job.body_ready
+        return Response(
+            payload, media_type="application/json", headers={"Server-Timing": _server_timing(job)}
+        )
+
+
+def _server_timing(job: ImageJob) -> str:
+    """``parse;dur=0.120, queue;dur=3.400, ...`` (milliseconds): the request's time in the handler,
+    stage by stage (see ``IMAGE_STAGES``)."""
+    return ", ".join(f"{name};dur={job.timing[name] * 1000:.3f}" for name in IMAGE_STAGES)
 
 
 # -- the app ------------------------------------------------------------------------------------------
+class Readiness:
+    """``/ready``: whether the model has answered its warm-up request, sent through the whole serving
+    path (parsing, batcher, model, encoding) in-process, past the guard and the request metrics (the
+    model metrics count it). A first call slower than ``--timeout`` (lazy initialisation) is retried:
+    it warmed the model all the same."""
+
+    TRIES = 3
+
+    def __init__(self) -> None:
+        self.done = threading.Event()  # set once the warm-up has answered, well or not
+        self.problem: str | None = None  # why it failed
+
+    async def warm_up(self, api: FastAPI, path: str, body: dict[str, Any]) -> None:
+        transport = httpx.ASGITransport(app=api)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://warm-up") as client:
+                for _ in range(self.TRIES):
+                    response = await client.post(path, json=body, timeout=None)
+                    if response.status_code != 504:
+                        break
+            if response.status_code != 200:
+                message = response.json().get("error", {}).get("message", response.text)
+                self.problem = f"HTTP {response.status_code}: {' '.join(str(message).split())[:200]}"
+                log.error("not ready: the warm-up request to %s failed (%s)", path, self.problem)
+        except Exception as err:  # a model that cannot run: reported by /ready, the server stays up
+            self.problem = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            log.exception("not ready: the warm-up request to %s failed", path)
+        self.done.set()
+
+
+def _created(model: LanguageModel | ImageGenerator) -> int:
+    """Unix time the served model was made: its artifact's export time, else now (a model directory)."""
+    created = (model.info.get("provenance") or {}).get("created")
+    try:
+        return int(datetime.fromisoformat(created).timestamp()) if created else int(time.time())
+    except ValueError:
+        return int(time.time())
+
+
 def create_app(model: LanguageModel | ImageGenerator, settings: ServerSettings | None = None):
-    """The full ASGI app (metrics -> guard -> FastAPI routes) for one loaded model."""
+    """The full ASGI app (request middleware -> guard -> FastAPI routes) for one loaded model."""
     settings = settings or ServerSettings()
     metrics = Metrics(model.name)
     service = (
@@ -389,17 +456,38 @@ def create_app(model: LanguageModel | ImageGenerator, settings: ServerSettings |
         if model.kind == "causal-lm"
         else ImageService(model, settings, metrics)
     )
+    if isinstance(service, LMService):
+        warm_up = ("/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0})
+    else:  # a class label for class-conditional generators, a prompt for text-conditional ones
+        warm_up = ("/v1/images/generations", {"n": 1, "seed": 0, "class_label": 0, "prompt": "warm-up"})
+    ready = Readiness()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         service.batcher.start()
+        # the model, the app and every module live as long as the server: leave them out of the
+        # garbage collector's scans (a full scan of them stalled every request 60-110 ms under load)
+        gc.freeze()
+        warming = asyncio.create_task(ready.warm_up(api, *warm_up))
         yield
+        warming.cancel()
         await service.batcher.stop()
 
-    api = FastAPI(title="stillroom", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api = FastAPI(
+        title="stillroom",
+        version=__version__,
+        description=f"OpenAI-shaped API over the {model.kind} '{model.name}' ({model.runtime}).",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        swagger_ui_oauth2_redirect_url=None,
+    )
 
     @api.exception_handler(ApiError)
     async def _api_error(_request, err: ApiError):
+        if err.code == "queue_full":
+            metrics.rejected()
         return error_response(err)
 
     @api.exception_handler(StarletteHTTPException)
@@ -414,40 +502,64 @@ def create_app(model: LanguageModel | ImageGenerator, settings: ServerSettings |
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", "server_error", None, None), status_code=500)
 
-    @api.get("/health")
+    @api.get("/health", summary="Liveness: the server process answers")
     async def health():
         return {"status": "ok", "model": model.name, "kind": model.kind, "runtime": model.runtime}
 
-    @api.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    @api.get(
+        "/ready", summary="Readiness: the model is loaded and has answered its warm-up request (else 503)"
+    )
+    async def readiness():
+        if ready.done.is_set() and ready.problem is None:
+            return {"status": "ready", "model": model.name}
+        message = (
+            f"the model failed its warm-up request: {ready.problem}"
+            if ready.problem
+            else "the model is warming up"
+        )
+        return JSONResponse(error_body(message, "server_error", None, "not_ready"), status_code=503)
 
-    @api.get("/v1/models")
+    @api.get("/metrics", summary="Prometheus metrics (text format, or OpenMetrics when asked for)")
+    async def prometheus(request: Request):
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
+
+    card = {
+        "id": model.name,
+        "object": "model",
+        "created": _created(model),
+        "owned_by": "stillroom",
+        "kind": model.kind,
+        "runtime": model.runtime,
+    }
+
+    @api.get("/v1/models", summary="The served model (OpenAI's model list)")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "stillroom",
-                    "kind": model.kind,
-                    "runtime": model.runtime,
-                }
-            ],
-        }
+        return {"object": "list", "data": [card]}
 
-    routes = {"/health", "/metrics", "/v1/models"}
+    @api.get("/v1/models/{model_id}", summary="The served model by id (OpenAI's model retrieve)")
+    async def retrieve(model_id: str):
+        check_model(model_id, model.name)
+        return card
+
+    routes = {*OPEN_PATHS, "/v1/models", "/v1/models/{model_id}"}
+    # the POST routes: the model their handler validates the body with, and a summary (OpenAPI)
     if isinstance(service, LMService):
         api.post("/v1/completions")(service.completions)
-        routes.add("/v1/completions")
+        bodies = {"/v1/completions": (CompletionRequest, "Text completions (OpenAI); stream: true for SSE")}
         if service.has_chat:
             api.post("/v1/chat/completions")(service.chat)
-            routes.add("/v1/chat/completions")
+            bodies["/v1/chat/completions"] = (ChatRequest, "Chat completions (OpenAI); stream: true for SSE")
     else:
-        api.post("/v1/images/generations")(service.generations)
-        routes.add("/v1/images/generations")
-    app = MetricsMiddleware(Guard(api, settings.api_key, settings.max_body_bytes), metrics, routes)
-    app.metrics, app.service, app.api = metrics, service, api
+        # a plain Starlette route: the handler reads its own body, so FastAPI's dependency solving
+        # (cookies included) would only add per-request work to a path that serves hundreds a second
+        api.add_route("/v1/images/generations", service.generations, methods=["POST"])
+        bodies = {"/v1/images/generations": (ImageRequest, "Image generation (OpenAI), base64 images")}
+    routes.update(bodies)
+    open_paths = frozenset() if settings.metrics_auth else OPEN_PATHS
+    describe(api, bodies, open_paths, api_key=bool(settings.api_key))
+    app = RequestMiddleware(
+        Guard(api, settings.api_key, settings.max_body_bytes, open_paths), metrics, routes
+    )
+    app.metrics, app.service, app.api, app.ready = metrics, service, api, ready
     return app

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    """An error to send to the client as an OpenAI-style body."""
+    """An error to send to the client as an OpenAI-style body (with ``headers``, e.g. ``Retry-After``)."""
 
     def __init__(
         self,
@@ -22,9 +22,11 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_body(
@@ -34,7 +36,8 @@ def error_body(
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status)
+    body = error_body(err.message, err.type, err.param, err.code)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def error_bytes(status_message: str, type_: str, code: str) -> bytes:
@@ -48,5 +51,5 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's ValueError prefix
     return (f"{param}: {msg}" if param else msg), param

@@ -1,6 +1,8 @@
 """The ASGI guard in front of every route: API key and body size, before any JSON is parsed.
 
-The key is compared with ``hmac.compare_digest`` so the comparison time does not reveal how many
+The key is required on every path except ``open_paths`` (the probes, ``/metrics`` and the API docs,
+unless ``--metrics-auth``): a load balancer's health check or a Prometheus scraper has no key. The
+key is compared with ``hmac.compare_digest`` so the comparison time does not reveal how many
 leading characters matched. Bodies are read and counted here (up to the limit) before the app sees
 them, so a client that lies about or omits ``Content-Length`` is still cut off with a 413.
 """
@@ -24,12 +26,14 @@ async def _send_error(send, status: int, message: str, type_: str, code: str, ex
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body = app, max_body_bytes
+    def __init__(
+        self, app, api_key: str | None, max_body_bytes: int, open_paths: frozenset[str] = frozenset()
+    ) -> None:
+        self.app, self.max_body, self.open_paths = app, max_body_bytes, open_paths
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     def _authorized(self, scope) -> bool:
-        if self.expected is None:
+        if self.expected is None or scope["path"] in self.open_paths:
             return True
         given = b""
         for name, value in scope.get("headers", []):
