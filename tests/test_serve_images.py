@@ -205,3 +205,30 @@ def test_encode_png_round_trips_grey_and_rgb():
         assert pixels.shape == (2, 5, 7, channels) and pixels.dtype == np.uint8
         decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels[1]))))
         np.testing.assert_array_equal(decoded.reshape(5, 7, channels), pixels[1])
+
+
+@pytest.mark.parametrize(
+    "prompt,label",
+    [("7", 7), ("digit 7", 7), ("a handwritten seven", 7), ("An image of the digit 7.", 7), ("one", 1),
+     ("one seven", 7), ("zero", 0), ("7 or 8", None), ("a cat", None), ("", None), ("seven eight", None)],
+)  # fmt: skip
+def test_class_prompt_grammar(prompt, label):
+    from stillroom.serve.server.class_prompt import label_of
+
+    assert label_of(prompt) == label
+    assert label_of("Ankle Boot", ["t-shirt", "ankle boot"]) == 1 and label_of("a t-shirt", ["t-shirt"]) == 0
+
+
+def test_prompts_and_size_are_honoured_over_http(image_server):
+    _, url = image_server
+
+    def post(**body):
+        return httpx.post(f"{url}/v1/images/generations", json={"n": 1, "seed": 3, **body}, timeout=60)
+
+    by_label = post(class_label=7).json()["data"]
+    assert post(prompt="a handwritten seven", size="28x28").json()["data"] == by_label
+    wrong = post(class_label=7, size="512x512")
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "size"
+    assert "28x28" in wrong.json()["error"]["message"]
+    vague = post(prompt="a handwritten cat")
+    assert vague.status_code == 400 and vague.json()["error"]["param"] == "prompt"

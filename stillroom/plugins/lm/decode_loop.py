@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stillroom.plugins.lm.sampling import SamplingParams, choose_token
+from stillroom.plugins.lm.sampling import SamplingParams, choose_token, penalize, top_logprobs
 
 
 class LMBackend(Protocol):
@@ -130,6 +130,8 @@ class Row:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cancelled: bool = False
     cached: int = 0  # the row's real columns in the batch cache
+    # with params.logprobs: per produced token (log p(token), [(id, log p)] of the top params.logprobs)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -277,12 +279,15 @@ class Scheduler:
         for row, row_logits in zip(rows, logits, strict=True):
             if row.done:
                 continue
+            row_logits = penalize(row_logits, row.tokens, row.params)
             token = choose_token(row_logits, row.params, row.rng)
             if token in row.params.stop_token_ids and not row.params.ignore_eos:
                 row.token, row.finish_reason = None, "stop"
             else:
                 row.tokens.append(token)
                 row.token = token
+                if row.params.logprobs is not None:
+                    row.logprobs.append(top_logprobs(row_logits, token, row.params.logprobs))
                 if len(row.tokens) >= row.params.max_tokens:
                     row.finish_reason = "length"
             news.append(row)

@@ -37,6 +37,8 @@ from stillroom.plugins.lm.runtime import LanguageModel
 from stillroom.plugins.lm.sampling import SamplingParams
 from stillroom.serve.server.access import CLIENT_CLOSED, RequestMiddleware, TokenClock
 from stillroom.serve.server.batcher import ArrivalWindow, MicroBatcher
+from stillroom.serve.server.class_prompt import HELP as PROMPT_HELP
+from stillroom.serve.server.class_prompt import label_of
 from stillroom.serve.server.errors import ApiError, error_body, error_response, validation_message
 from stillroom.serve.server.guard import Guard
 from stillroom.serve.server.image_worker import ImageBatch, ImageJob
@@ -108,31 +110,30 @@ class LMService:
             settings.continuous_batching,
         )
         self.context = model.info.get("context_length")
+        self.fingerprint = f"stillroom-{__version__}-{model.runtime}"
 
     @property
     def has_chat(self) -> bool:
         return bool(getattr(self.model.tokenizer, "chat_template", None))
 
-    def _job(self, prompts: list[list[int]], body, default_max: int) -> LMJob:
-        max_tokens = (
-            body.max_tokens
-            if body.max_tokens is not None
-            else min(default_max, self.settings.max_tokens_limit)
-        )
+    def _job(self, prompts: list[list[int]], body, default_max: int, limit: tuple[str, int | None]) -> LMJob:
+        """The job of a request; ``limit`` is (the parameter that set the token limit, its value)."""
+        param, asked = limit
+        max_tokens = asked if asked is not None else min(default_max, self.settings.max_tokens_limit)
         if max_tokens > self.settings.max_tokens_limit:
             raise ApiError(
                 400,
-                f"max_tokens must be <= {self.settings.max_tokens_limit}",
-                param="max_tokens",
+                f"{param} must be <= {self.settings.max_tokens_limit}",
+                param=param,
                 code="invalid_value",
             )
         longest = max(len(p) for p in prompts)
         if self.context and longest + max_tokens > self.context:
             raise ApiError(
                 400,
-                f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"prompt ({longest} tokens) + {param} ({max_tokens}) exceeds the model's "
                 f"context of {self.context} tokens",
-                param="max_tokens",
+                param=param,
                 code="context_length_exceeded",
             )
         seed = body.seed if body.seed is not None else secrets.randbits(63)
@@ -144,6 +145,9 @@ class LMService:
                 top_p=float(body.top_p),
                 stop_token_ids=self.model.eos_ids,
                 seed=(seed + k) % 2**63,
+                presence_penalty=float(body.presence_penalty),
+                frequency_penalty=float(body.frequency_penalty),
+                logprobs=body.logprob_count,
             )
             for k in range(len(rows))
         ]
@@ -178,30 +182,30 @@ class LMService:
         finally:
             job.cancelled = True if remaining else job.cancelled
 
-    async def _collect(self, job: LMJob, request: Request) -> tuple[list[str], list[str], int, int]:
-        texts, reasons = [""] * job.size, ["stop"] * job.size
-        prompt_tokens = completion_tokens = 0
+    async def _collect(self, job: LMJob, request: Request) -> Collected:
+        out = Collected(job.size)
         watch = asyncio.create_task(_cancel_on_hang_up(request, job))
         try:
             async for item in self._events(job):
-                if item[0] == "delta":
-                    texts[item[1]] += item[2]
-                else:
-                    _, choice, reason, p_tok, c_tok = item
-                    reasons[choice] = reason
-                    prompt_tokens += p_tok
-                    completion_tokens += c_tok
+                out.add(item)
         finally:
             watch.cancel()
-        return texts, reasons, prompt_tokens, completion_tokens
+        return out
 
-    def _stream(self, job: LMJob, chunk) -> StreamingResponse:
+    def _stream(self, job: LMJob, chunk, base: dict[str, Any], include_usage: bool) -> StreamingResponse:
+        """SSE of ``chunk(item)`` per event; with ``include_usage`` a last chunk carrying the usage and
+        no choices (OpenAI's ``stream_options``)."""
+
         async def body():
+            usage = Collected(job.size)
             try:
                 async for item in self._events(job):
+                    usage.add(item)
                     payload = chunk(item)
                     if payload is not None:
                         yield f"data: {json.dumps(payload)}\n\n"
+                if include_usage:
+                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage.usage})}\n\n"
             except ApiError as err:
                 yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
             yield "data: [DONE]\n\n"
@@ -212,36 +216,51 @@ class LMService:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    def _base(self, prefix: str, obj: str) -> dict[str, Any]:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.model.name,
+            "system_fingerprint": self.fingerprint,
+        }
+
     async def completions(self, request: Request):
         body = await parse(request, CompletionRequest)
         check_model(body.model, self.model.name)
-        job = self._job([self.model.encode(p) for p in body.prompt], body, 16)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model.name}
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs is not supported", param="echo", code="invalid_value")
+        prompts = [self.model.encode(p) for p in body.prompt]
+        job = self._job(prompts, body, 16, ("max_tokens", body.max_tokens))
+        echoes = [p for p in body.prompt for _ in range(body.n)] if body.echo else [""] * job.size
+        base = self._base("cmpl", "text_completion")
         if body.stream:
+            echoed: set[int] = set()
 
             def chunk(item):
+                choice = {"index": item[1], "logprobs": None, "finish_reason": None, "text": ""}
+                if item[1] not in echoed:
+                    echoed.add(item[1])
+                    choice["text"] = echoes[item[1]]
                 if item[0] == "delta":
-                    return {
-                        **base,
-                        "choices": [
-                            {"text": item[2], "index": item[1], "logprobs": None, "finish_reason": None}
-                        ],
-                    }
-                return {
-                    **base,
-                    "choices": [
-                        {"text": "", "index": item[1], "logprobs": None, "finish_reason": _reason(item[2])}
-                    ],
-                }
+                    choice["text"] += item[2]
+                    choice["logprobs"] = self._completion_logprobs(item[3])
+                else:
+                    choice["finish_reason"] = _reason(item[2])
+                return {**base, "choices": [choice]}
 
-            return self._stream(job, chunk)
-        texts, reasons, p_tok, c_tok = await self._collect(job, request)
+            return self._stream(job, chunk, base, body.include_usage)
+        out = await self._collect(job, request)
         choices = [
-            {"text": t, "index": i, "logprobs": None, "finish_reason": _reason(r)}
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            {
+                "text": echoes[i] + out.texts[i],
+                "index": i,
+                "logprobs": self._completion_logprobs(out.logprobs[i]),
+                "finish_reason": _reason(out.reasons[i]),
+            }
+            for i in range(job.size)
         ]
-        return {**base, "choices": choices, "usage": _usage(p_tok, c_tok)}
+        return {**base, "choices": choices, "usage": out.usage}
 
     async def chat(self, request: Request):
         body = await parse(request, ChatRequest)
@@ -258,10 +277,12 @@ class LMService:
                 param="messages",
                 code="invalid_messages",
             ) from None
-        job = self._job([self.model.encode(text)], body, 256)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "created": created, "model": self.model.name}
+        limit = ("max_completion_tokens", body.max_completion_tokens)
+        if body.max_completion_tokens is None:
+            limit = ("max_tokens", body.max_tokens)
+        job = self._job([self.model.encode(text)], body, 256, limit)
         if body.stream:
+            base = self._base("chatcmpl", "chat.completion.chunk")
             started: set[int] = set()
 
             def chunk(item):
@@ -269,27 +290,79 @@ class LMService:
                 if item[1] not in started:
                     started.add(item[1])
                     delta["role"] = "assistant"
+                choice = {"index": item[1], "delta": delta, "logprobs": None, "finish_reason": None}
                 if item[0] == "delta":
-                    return {
-                        **base,
-                        "object": "chat.completion.chunk",
-                        "choices": [
-                            {"index": item[1], "delta": {**delta, "content": item[2]}, "finish_reason": None}
-                        ],
-                    }
-                return {
-                    **base,
-                    "object": "chat.completion.chunk",
-                    "choices": [{"index": item[1], "delta": delta, "finish_reason": _reason(item[2])}],
-                }
+                    delta["content"] = item[2]
+                    choice["logprobs"] = self._chat_logprobs(item[3])
+                else:
+                    choice["finish_reason"] = _reason(item[2])
+                return {**base, "choices": [choice]}
 
-            return self._stream(job, chunk)
-        texts, reasons, p_tok, c_tok = await self._collect(job, request)
+            return self._stream(job, chunk, base, body.include_usage)
+        out = await self._collect(job, request)
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _reason(r)}
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": out.texts[i]},
+                "logprobs": self._chat_logprobs(out.logprobs[i]),
+                "finish_reason": _reason(out.reasons[i]),
+            }
+            for i in range(job.size)
         ]
-        return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(p_tok, c_tok)}
+        return {**self._base("chatcmpl", "chat.completion"), "choices": choices, "usage": out.usage}
+
+    def _completion_logprobs(self, entries) -> dict[str, Any] | None:
+        """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        if entries is None:
+            return None
+        tokens = [self.model.decode([tok]) for tok, _, _ in entries]
+        offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{self.model.decode([i]): lp for i, lp in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, entries) -> dict[str, Any] | None:
+        """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        if entries is None:
+            return None
+
+        def token(tok: int, lp: float) -> dict[str, Any]:
+            text = self.model.decode([tok])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**token(tok, lp), "top_logprobs": [token(i, v) for i, v in top]} for tok, lp, top in entries
+            ]
+        }
+
+
+class Collected:
+    """What the events of a job add up to: each choice's text, finish reason and logprobs, and usage."""
+
+    def __init__(self, size: int) -> None:
+        self.texts, self.reasons = [""] * size, ["stop"] * size
+        self.logprobs: list[list | None] = [None] * size
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, item: tuple) -> None:
+        if item[0] == "delta":
+            _, choice, text, logprobs = item
+            self.texts[choice] += text
+            if logprobs is not None:
+                self.logprobs[choice] = (self.logprobs[choice] or []) + logprobs
+            return
+        _, choice, reason, prompt_tokens, completion_tokens = item
+        self.reasons[choice] = reason
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return _usage(self.prompt_tokens, self.completion_tokens)
 
 
 async def _cancel_on_hang_up(request: Request, job: LMJob) -> None:
@@ -340,17 +413,28 @@ class ImageService:
             window=ArrivalWindow(settings.max_wait_ms / 1000.0),
         )
 
+    def _check_size(self, size: str | None) -> None:
+        """OpenAI's ``size`` ("WxH") must be the generator's own resolution: a distilled sampler makes
+        exactly one, and resampling would hand back pixels the model did not make."""
+        _, h, w = self.model.image_shape
+        if size is not None and size.strip().lower() != f"{w}x{h}":
+            raise ApiError(
+                400, f"size must be '{w}x{h}', this model's resolution (got '{size}')", param="size"
+            )
+
     def _label(self, body: ImageRequest) -> int | None:
         if self.model.conditioning != "class":
             return None
         label = body.class_label
         if label is None and body.prompt is not None:
-            names = [str(n).lower() for n in self.model.sampler.get("class_names") or []]
-            text = body.prompt.strip().lower()
-            if text.isdigit():
-                label = int(text)
-            elif text in names:
-                label = names.index(text)
+            label = label_of(body.prompt, self.model.sampler.get("class_names"))
+            if label is None:
+                raise ApiError(
+                    400,
+                    f"the prompt names no single class of this class-conditional model: {PROMPT_HELP}",
+                    param="prompt",
+                    code="invalid_value",
+                )
         if label is None:
             raise ApiError(
                 400,
@@ -370,6 +454,7 @@ class ImageService:
         body = await parse(request, ImageRequest)
         check_model(body.model, self.model.name)
         label = self._label(body)
+        self._check_size(body.size)
         if self.model.conditioning == "text" and body.prompt is None:
             raise ApiError(
                 400, "this model is text-conditional: give a prompt", param="prompt", code="missing_prompt"

@@ -45,7 +45,9 @@ MAX_PADDING = 0.25
 class LMJob(Job):
     """One request: ``prompts[i]`` (token ids) and ``params[i]`` per choice i; events go to ``queue``.
 
-    Events: ("delta", choice, text) and ("done", choice, finish_reason, prompt_tokens, completion_tokens).
+    Events: ("delta", choice, text, logprobs) and ("done", choice, finish_reason, prompt_tokens,
+    completion_tokens); ``logprobs`` (None unless the choice asked for them) lists (token id, log p,
+    [(id, log p)] of the top k) of the tokens produced since the previous delta.
     """
 
     def __init__(self, prompts: list[list[int]], params: list[SamplingParams], stops: list[str]) -> None:
@@ -67,6 +69,16 @@ class ChoiceText:
     index: int
     sent: int = 0
     done: bool = False
+    logged: int = 0  # tokens whose logprobs went out
+
+    def logprobs(self, row: Row) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """The logprobs of the row's tokens not sent yet (None when the choice did not ask)."""
+        if row.params.logprobs is None:
+            return None
+        pairs = zip(row.tokens[self.logged :], row.logprobs[self.logged :], strict=True)
+        new = [(tok, lp, top) for tok, (lp, top) in pairs]
+        self.logged = len(row.logprobs)
+        return new
 
     def advance(self, model: LanguageModel, tokens: list[int], final: bool) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the choice)."""
@@ -223,8 +235,9 @@ class LMWorker:
             if text.done:
                 continue
             delta, stopped = text.advance(self.model, row.tokens, row.done)
-            if delta:
-                text.job.put(("delta", text.index, delta))
+            finishing = stopped or row.done
+            if delta or (finishing and row.params.logprobs is not None and text.logged < len(row.logprobs)):
+                text.job.put(("delta", text.index, delta, text.logprobs(row)))
             if stopped:
                 row.cancel()
                 text.finish(row, "stop")

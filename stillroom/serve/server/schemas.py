@@ -106,7 +106,8 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
 
     @property
-    def top_logprobs(self) -> int | None:
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
         return self.logprobs
 
     @field_validator("prompt")
@@ -155,6 +156,11 @@ class ChatRequest(_Sampling):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
