@@ -150,3 +150,18 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(**args)
     assert err.value.param is not None and err.value.param.startswith(param), err.value.body
+
+
+def test_top_p_user_and_a_single_stop_string(client):
+    model, c = client
+    greedy = _greedy_text(model, "The king", 8)
+    # top_p so small that only the most likely token is left: sampling at T=1 becomes greedy
+    narrow = c.completions.create(
+        model="tiny-student", prompt="The king", max_tokens=8, temperature=1.0, top_p=1e-9, seed=1, user="u-1"
+    )
+    assert narrow.choices[0].text == greedy
+    stop = greedy[2:4]
+    cut = c.completions.create(
+        model="tiny-student", prompt="The king", max_tokens=8, temperature=0, stop=stop
+    )
+    assert cut.choices[0].text == greedy[: greedy.index(stop)]
