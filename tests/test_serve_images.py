@@ -196,7 +196,8 @@ def test_server_timing_names_every_stage(image_server):
 def test_encode_png_round_trips_grey_and_rgb():
     from PIL import Image
 
-    from stillroom.serve.server.image_worker import encode_png, to_pixels
+    from stillroom.serve.pixels import to_pixels
+    from stillroom.serve.server.image_worker import encode_png
 
     rng = np.random.default_rng(0)
     for channels in (1, 3):

@@ -37,6 +37,7 @@ import numpy as np
 from stillroom.core import artifact
 from stillroom.core.errors import StillroomError
 from stillroom.core.host import get_host
+from stillroom.serve.pixels import to_pixels
 
 RUNTIMES = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}  # artifact format -> the runtime that runs it
 DEFAULT_MAX_TOKENS = 16
@@ -139,13 +140,7 @@ def generate_images(model: Any, read: Read) -> dict[str, np.ndarray]:
     if count < 1:
         raise StillroomError("the request asks for no images", "send at least one label, prompt or image")
     images = model.generate(model.noise(count, _scalar(read("seed"), None)), **condition)
-    return {"images": to_uint8(images)}
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (as ``stillroom serve`` rounds pixels)."""
-    pixels = np.clip(np.round((np.asarray(images, dtype=np.float64) + 1.0) * 127.5), 0, 255)
-    return np.ascontiguousarray(pixels.astype(np.uint8).transpose(0, 2, 3, 1))
+    return {"images": to_pixels(images)}
 
 
 HANDLERS = {"causal-lm": generate_text, "generator": generate_images}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from stillroom.plugins.diffusion.runtime import ImageGenerator
+from stillroom.serve.pixels import to_pixels
 from stillroom.serve.server.batcher import Job
 from stillroom.serve.server.metrics import Metrics
 
@@ -140,14 +141,6 @@ def response_body(job: ImageJob, images: list[str], shape: tuple[int, int, int])
         height, width, channels = shape
         body.update(output_format="raw", size=f"{width}x{height}", channels=channels)
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-def to_pixels(images: np.ndarray) -> np.ndarray:
-    """A batch [B, C, H, W] in [-1, 1] as uint8 [B, H, W, C'] (C' = 1 grey, else the first 3, RGB)."""
-    channels = 1 if images.shape[1] == 1 else 3
-    scaled = (np.asarray(images[:, :channels], dtype=np.float32) + 1.0) * 127.5
-    pixels = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
