@@ -145,13 +145,15 @@ def _exported(out: Path, to: str) -> Artifact | None:
 
 
 def _check_same_recipe(recipe: recipes.Recipe, run: Path) -> None:
+    """Refuses a run folder started with another recipe. Both sides go through today's recipe model,
+    so a field a newer stillroom added (at its default) does not make an old run look different."""
     saved = run / "recipe.yaml"
     if not saved.is_file():
         return
-    wanted = yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     try:
-        same = yaml.safe_load(saved.read_text(encoding="utf-8")) == wanted
-    except (OSError, ValueError, yaml.YAMLError):
+        before = recipes.validate(yaml.safe_load(saved.read_text(encoding="utf-8"))).to_dict()
+        same = before == recipe.to_dict()
+    except (OSError, ValueError, yaml.YAMLError, StillroomError):
         same = False
     if not same:
         raise StillroomError(

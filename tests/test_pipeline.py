@@ -78,3 +78,21 @@ def test_a_damaged_artifact_is_exported_again(tmp_path, monkeypatch):
     (tmp_path / "artifact" / "manifest.json").write_text("{not json")
     assert pipeline.export_stage(tmp_path, tmp_path / "artifact", "x", "onnx", int8=True) == "new"
     assert calls == [("onnx", {"int8": True})]
+
+
+def test_a_run_from_an_older_stillroom_is_not_a_different_recipe(tmp_path, tiny_teacher, corpus_dir):
+    """A field added since (at its default) is the same recipe; a changed value is not."""
+    import yaml
+
+    from stillroom.core import recipe as recipes
+    from stillroom.pipeline import _check_same_recipe
+
+    recipe = recipes.validate(lm_recipe(tiny_teacher, corpus_dir))
+    older = recipe.to_dict()
+    del older["export"]["with_teacher"]  # what a run folder of a stillroom before --with-teacher holds
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(older))
+    _check_same_recipe(recipe, tmp_path)
+    older["train"]["steps"] += 1
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(StillroomError, match="was started with a different recipe"):
+        _check_same_recipe(recipe, tmp_path)
