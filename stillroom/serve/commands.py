@@ -262,7 +262,8 @@ def log_report(report: dict[str, Any], out: Path) -> None:
     default=10.0,
     show_default=True,
     type=click.FloatRange(0, 10_000),
-    help="How long a request waits for others to batch with.",
+    help="Most a batch waits for company: image batches (adaptive, never for a lone client) and LMs "
+    "batched statically (torch / TensorRT runtimes); continuous LM batching never waits.",
 )
 @click.option(
     "--max-body-bytes",
@@ -331,7 +332,7 @@ def serve(
     log_format: str,
     grace: float,
 ) -> None:
-    """Serve ARTIFACT over an OpenAI-shaped HTTP API with dynamic micro-batching.
+    """Serve ARTIFACT over an OpenAI-shaped HTTP API (continuous batching for LMs, micro-batching for images).
 
     One access-log line per request; SIGTERM stops accepting, lets in-flight requests finish for up
     to --grace seconds and exits 0.
