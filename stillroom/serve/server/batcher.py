@@ -12,9 +12,9 @@ order, so the model thread can start the next batch while the previous one is be
 How long a batch waits for company is the window's decision, never more than ``max_wait_ms`` after
 its first job:
 
-- ``FixedWindow`` (LMs batched statically, ``lm_worker``): up to ``max_wait_ms``, except when the previous batch held a single job
-  and nothing else is queued: no sign of concurrent traffic, so the batch runs at once (a lone
-  client would otherwise pay the wait on every request for nothing).
+- ``FixedWindow`` (LMs batched statically, ``lm_worker``): up to ``max_wait_ms``, except when the
+  previous batch held a single job and nothing else is queued: no sign of concurrent traffic, so
+  the batch runs at once (a lone client would otherwise pay the wait on every request for nothing).
 - ``ArrivalWindow`` (generators): waits only while waiting saves model time per item, which
   depends on the arrival rate and on how much of a model call is a fixed cost: a small CPU model
   whose time grows with the batch runs whatever is queued at once (requests that arrive meanwhile
