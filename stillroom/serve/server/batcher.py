@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from stillroom.serve.server.errors import ApiError
+from stillroom.serve.server.errors import ApiError, queue_full
 from stillroom.serve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,7 @@ class MicroBatcher:
                 code="too_many_items",
             )
         if self.pending.qsize() >= self.max_queue:
-            raise ApiError(
-                429, "the server is busy (request queue full); retry later", "server_busy", code="queue_full"
-            )
+            raise queue_full()
         self.metrics.queue(+1)
         job.submitted = time.perf_counter()
         self.window.arrived(job.submitted)

@@ -53,3 +53,17 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's ValueError prefix
     return (f"{param}: {msg}" if param else msg), param
+
+
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue drains in about a batch's time
+
+
+def queue_full() -> ApiError:
+    """The 429 of a full request queue, with ``Retry-After`` (the app's error handler counts it)."""
+    return ApiError(
+        429,
+        "the server is busy (request queue full); retry later",
+        "server_busy",
+        code="queue_full",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )

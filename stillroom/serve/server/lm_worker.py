@@ -30,12 +30,11 @@ from stillroom.plugins.lm.decode_loop import Row, Scheduler
 from stillroom.plugins.lm.runtime import LanguageModel
 from stillroom.plugins.lm.sampling import SamplingParams
 from stillroom.serve.server.batcher import FixedWindow, Job
-from stillroom.serve.server.errors import ApiError
+from stillroom.serve.server.errors import ApiError, queue_full
 from stillroom.serve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1
 # a newcomers' prefill while rows run: at most this many padded tokens (how long it holds the running
 # rows up), of which at most this share padding (rows of other lengths wait for the next step)
 PREFILL_TOKENS = 512
@@ -153,14 +152,8 @@ class LMWorker:
                 code="too_many_items",
             )
         with self.wake:
-            if len(self.inbox) >= self.max_queue:  # the app's error handler counts the rejection
-                raise ApiError(
-                    429,
-                    "the server is busy (request queue full); retry later",
-                    "server_busy",
-                    code="queue_full",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
-                )
+            if len(self.inbox) >= self.max_queue:
+                raise queue_full()
             job.submitted = time.perf_counter()
             self.inbox.append(job)
             self.queued_rows += job.size
