@@ -8,6 +8,9 @@ interpolation between order statistics (numpy's default percentile).
 from __future__ import annotations
 
 import resource
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,3 +36,21 @@ def peak_memory() -> dict[str, float | None]:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu_mb = torch.cuda.max_memory_allocated() / 2**20
     return {"peak_rss_mb": rss_mb, "gpu_peak_mb": gpu_mb}
+
+
+def timing_row(call: Callable[[], Any], batch: int, warmup: int, repeats: int, unit: str) -> dict[str, Any]:
+    """One bench timing row of ``call`` (one batch of ``batch`` items): ``warmup`` untimed calls,
+    then ``repeats`` timed ones; latency percentiles and items per second at the median."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {
+        "batch": batch,
+        "latency_ms": percentiles(times),
+        "throughput": batch / float(np.median(times)),
+        "throughput_unit": unit,
+    }

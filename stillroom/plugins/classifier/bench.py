@@ -11,7 +11,6 @@ student's top-1 agreement with its teacher on those images.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 from stillroom.core.artifact import read_manifest
 from stillroom.core.bench_plan import BenchSettings
 from stillroom.core.errors import StillroomError
-from stillroom.core.measure import percentiles
+from stillroom.core.measure import timing_row
 from stillroom.plugins.classifier import data, metrics
 from stillroom.plugins.classifier.runtime import ImageClassifier
 
@@ -51,19 +50,7 @@ def heldout(job: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 def time_classifier(model: ImageClassifier, pixels: np.ndarray, settings: BenchSettings, batch: int):
     images = np.resize(pixels, (batch, *pixels.shape[1:]))  # the held-out images, repeated if too few
-    for _ in range(settings.warmup):
-        model.logits(images)
-    times = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        model.logits(images)
-        times.append(time.perf_counter() - start)
-    return {
-        "batch": batch,
-        "latency_ms": percentiles(times),
-        "throughput": batch / float(np.median(times)),
-        "throughput_unit": "images/s",
-    }
+    return timing_row(lambda: model.logits(images), batch, settings.warmup, settings.repeats, "images/s")
 
 
 def bench(model: ImageClassifier, job: dict[str, Any], settings: BenchSettings, out: Path) -> dict[str, Any]:

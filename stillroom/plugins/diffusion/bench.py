@@ -6,14 +6,13 @@ Latency of one sampler call per batch size; quality from ``quality_samples`` ima
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stillroom.core.bench_plan import BenchSettings
-from stillroom.core.measure import percentiles
+from stillroom.core.measure import timing_row
 from stillroom.plugins.diffusion.runtime import ImageGenerator
 
 
@@ -21,19 +20,13 @@ def time_generator(model: ImageGenerator, settings: BenchSettings, batch: int) -
     noise = model.noise(batch, settings.seed)
     labels = (np.arange(batch) % model.num_classes) if model.conditioning == "class" else None
     states = model.encode(["a photo"] * batch) if model.conditioning == "text" and model.encode else None
-    for _ in range(settings.warmup):
-        model.generate(noise, class_labels=labels, encoder_hidden_states=states)
-    times = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        model.generate(noise, class_labels=labels, encoder_hidden_states=states)
-        times.append(time.perf_counter() - start)
-    return {
-        "batch": batch,
-        "latency_ms": percentiles(times),
-        "throughput": batch / float(np.median(times)),
-        "throughput_unit": "images/s",
-    }
+    return timing_row(
+        lambda: model.generate(noise, class_labels=labels, encoder_hidden_states=states),
+        batch,
+        settings.warmup,
+        settings.repeats,
+        "images/s",
+    )
 
 
 def generate_quality_images(
