@@ -1,22 +1,34 @@
-"""CE-only vs Hinton KD vs LELP for the same small CNN student of the embedded MNIST classifier.
+"""CE-only vs the classifier family's methods for small students of the embedded MNIST classifier.
 
-The student of the shipped recipes (``mnist-classifier-kd``, ``mnist-lelp``: a 16/32-channel CNN with
-a 32-d embedding, 55k parameters against the teacher's 468k) is trained for the same steps, batch,
-learning rate and seeds on the embedded MNIST train split (4000 digits) three ways:
+The student of the shipped recipes (a 16/32-channel CNN with a 32-d embedding, 55k parameters against
+the teacher's 468k; for ``had`` a 2-block MLP-mixer over 4x4 patches, 48k) is trained for the same
+steps, batch, learning rate and seeds on the embedded MNIST train split (4000 digits):
 
 - ``ce``: ``classifier_kd`` with ``alpha: 0``, labels only (the baseline; the teacher is not run),
 - ``kd``: ``mnist-classifier-kd`` as shipped (T = 4, alpha = 0.9),
 - ``lelp``: ``mnist-lelp`` as shipped (2 directions = 4 pseudo-subclasses per digit, T = 4, alpha = 0.9),
+- ``dmae``: ``mnist-dmae`` as shipped (half the steps masked pre-training, 75 % of the patches masked,
+  L1 to the teacher's conv features; then CE),
+- ``ce_mixer``: ``mnist-had`` with ``pretrain: 0``: the mixer student on labels only (its baseline),
+- ``had``: ``mnist-had`` as shipped (the mixer student: half the steps visible-patch feature alignment
+  + masked-patch reconstruction; then CE),
+- class-incremental, digits 0-4 then 5-9 (half the steps each, no replay): ``finetune`` is
+  ``mnist-prototype-relation`` with ``relation_weight: 0`` (plain fine-tuning on the sequence),
+  ``prototype_relation`` the recipe as shipped; they also report accuracy on the old task's digits
+  (0-4) and the new task's (5-9) after the whole sequence,
 
 and scored on the held-out eval split (1000 digits the teacher never saw): top-1 accuracy, expected
 calibration error (15 bins) and top-1 agreement with the teacher, as mean +- standard deviation over
-the seeds; CPU minutes are the training process's CPU time (``time.process_time``), teacher pass
+the seeds; CPU minutes are the training process's CPU time (``time.process_time``), teacher passes
 included.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/classifier_kd.py  # 3 x 3 runs: ~4 CPU min
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/classifier_kd.py  # 8 x 3 runs: ~15 CPU min
+    ... --methods ce,dmae,ce_mixer,had   # re-runs those, keeps the others' runs
 
 Writes ``results.json`` and ``results.md`` into ``--results`` (default
-``benchmarks/results/classifier_kd``); the run directories go to ``--out`` (default: a temporary one).
+``benchmarks/results/classifier_kd``) after every run, keeping the runs already there (same steps and
+batch) of the methods and seeds not re-run; the run directories go to ``--out`` (default: a temporary
+one).
 """
 
 from __future__ import annotations
@@ -38,8 +50,14 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "ce": ("mnist-classifier-kd", ["method.alpha=0"]),
     "kd": ("mnist-classifier-kd", []),
     "lelp": ("mnist-lelp", []),
+    "dmae": ("mnist-dmae", []),
+    "ce_mixer": ("mnist-had", ["method.pretrain=0"]),
+    "had": ("mnist-had", []),
+    "finetune": ("mnist-prototype-relation", ["method.relation_weight=0"]),
+    "prototype_relation": ("mnist-prototype-relation", []),
 }
 METRICS = ("accuracy", "ece", "top1_agreement", "cpu_min")
+CONTINUAL = ("old_accuracy", "new_accuracy", "accuracy")  # the class-incremental rows' extra table
 
 
 def train(label: str, seed: int, args, out: Path) -> dict:
@@ -62,7 +80,7 @@ def train(label: str, seed: int, args, out: Path) -> dict:
     return {
         "method": label,
         "seed": seed,
-        **{k: final[k] for k in ("accuracy", "ece", "top1_agreement")},
+        **{k: final[k] for k in ("accuracy", "ece", "top1_agreement", *CONTINUAL) if k in final},
         "cpu_min": (time.process_time() - cpu) / 60,
         "wall_s": time.perf_counter() - wall,
     }
@@ -95,15 +113,39 @@ def summary(results: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
         if rows:
             out[label] = {
                 k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows))
-                for k in METRICS
+                for k in (*METRICS, *CONTINUAL)
+                if k in rows[0]
             }
     return out
 
 
-def markdown(table: dict, teacher: dict, args) -> str:
+def kept_runs(path: Path, rerun: set[tuple[str, int]], args) -> list[dict]:
+    """The runs in an earlier ``results.json`` at the same steps and batch, less those re-run now."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if any(earlier["args"].get(k) != str(getattr(args, k)) for k in ("steps", "batch")):
+        return []
+    return [r for r in earlier["runs"] if r["method"] in METHODS and (r["method"], r["seed"]) not in rerun]
+
+
+def write(args, teacher: dict, results: list[dict]) -> str:
+    """results.json and results.md of every run so far (after each run: a stopped benchmark keeps them)."""
+    results = sorted(results, key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
+    table = summary(results)
+    text = markdown(table, teacher, args, sorted({r["seed"] for r in results}))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.md").write_text(text)
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "teacher": teacher, "runs": results}
+    (args.results / "results.json").write_text(json.dumps({**record, "summary": table}, indent=2) + "\n")
+    return text
+
+
+def markdown(table: dict, teacher: dict, args, seeds: list[int]) -> str:
     lines = [
-        f"embedded MNIST classifier -> 16/32-channel CNN student; {args.steps} steps x batch {args.batch}, "
-        f"seeds {args.seeds}, CPU, {args.threads} thread(s); held-out eval split (1000 digits); "
+        "embedded MNIST classifier -> 16/32-channel CNN student (had: an MLP-mixer); "
+        f"{args.steps} steps x batch {args.batch}, seeds {','.join(map(str, seeds))}, CPU, "
+        f"{args.threads} thread(s); held-out eval split (1000 digits); "
         "mean +- std over seeds",
         "",
         "| method | accuracy | ECE (15 bins) | top-1 agreement | CPU min / run |",
@@ -113,6 +155,19 @@ def markdown(table: dict, teacher: dict, args) -> str:
     for label, m in table.items():
         cells = [f"{m[k][0]:.4f} +- {m[k][1]:.4f}" for k in METRICS[:3]] + [f"{m['cpu_min'][0]:.2f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    continual = {label: m for label, m in table.items() if "old_accuracy" in m}
+    if continual:
+        lines += [
+            "",
+            "class-incremental: digits 0-4, then 5-9 (half the steps each, no replay); accuracy over all 10",
+            "digits after the sequence, on the old task's eval digits and on the new task's",
+            "",
+            "| method | old task (0-4) | new task (5-9) | overall |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, m in continual.items():
+            cells = [f"{m[k][0]:.4f} +- {m[k][1]:.4f}" for k in CONTINUAL]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,9 +190,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = args.out or Path(tempfile.mkdtemp(prefix="classifier_kd_"))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    results = []
+    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in labels if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from {','.join(METHODS)}")
+    results = kept_runs(args.results / "results.json", {(m, s) for m in labels for s in seeds}, args)
+    teacher = teacher_row()
+    text = ""
     for seed in seeds:
-        for label in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        for label in labels:
             results.append(train(label, seed, args, out))
             r = results[-1]
             print(
@@ -145,24 +206,8 @@ def main() -> None:
                 f"agreement {r['top1_agreement']:.4f} ({r['cpu_min']:.2f} CPU min)",
                 flush=True,
             )
-    teacher = teacher_row()
-    table = summary(results)
-    text = markdown(table, teacher, args)
+            text = write(args, teacher, results)
     print("\n" + text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.md").write_text(text)
-    (args.results / "results.json").write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "teacher": teacher,
-                "runs": results,
-                "summary": table,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     print(f"results in {args.results}, runs in {out}")
 
 

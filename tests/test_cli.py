@@ -27,6 +27,7 @@ def test_plugins_json_lists_builtins():
     assert plugins["lm"]["families"] == ["lm"] and plugins["lm"]["metrics"] == ["perplexity"]
     assert plugins["diffusion"]["metrics"] == ["fid_like"]
     assert plugins["export"]["exporters"] == ["onnx", "tensorrt", "triton"]
+    assert plugins["selectors"]["data_selectors"] == ["kd3", "active", "prune_kd"]
     table = run("plugins").stdout
     assert "families" in table and "metrics" in table and "perplexity" in table
 

@@ -43,6 +43,12 @@ def register_metrics(register):
 
 
 @hookspec
+def register_data_selectors(register):
+    """Register data selectors: `register(SelectorClass)` (a `stillroom.core.selection.Selector`),
+    used by a recipe's `data.select` to choose the training examples of a method that supports it."""
+
+
+@hookspec
 def register_commands(cli):
     """Add subcommands to the `stillroom` click group."""
 

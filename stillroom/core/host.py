@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 GROUP = "stillroom"
 BUILTIN_DIST = "stillroom"
-KINDS = ("families", "methods", "exporters", "runtimes", "metrics")
+KINDS = ("families", "methods", "exporters", "runtimes", "metrics", "data_selectors")
 NOUNS = {
     "families": "family",
     "methods": "method",
     "exporters": "exporter",
     "runtimes": "runtime",
     "metrics": "metric",
+    "data_selectors": "data selector",
 }
 
 
@@ -51,6 +52,7 @@ class PluginInfo:
     exporters: list[str] = field(default_factory=list)
     runtimes: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    data_selectors: list[str] = field(default_factory=list)
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -64,6 +66,7 @@ class PluginInfo:
             "exporters": self.exporters,
             "runtimes": self.runtimes,
             "metrics": self.metrics,
+            "data_selectors": self.data_selectors,
             "error": self.error,
         }
 
@@ -73,7 +76,8 @@ def _error_line(err: BaseException) -> str:
 
 
 class Host:
-    """Loads plugins once and answers: which families, methods, exporters, runtimes and metrics exist."""
+    """Loads plugins once and answers: which families, methods, exporters, runtimes, metrics and data
+    selectors exist."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(GROUP)
@@ -257,11 +261,11 @@ def _registration(kind: str, args: tuple[Any, ...]) -> tuple[str, Any]:
         if not getattr(family, "name", "") or not getattr(family, "kind", ""):
             raise TypeError(f"family {cls!r} has no `name` or `kind`")
         return family.name, family
-    if kind == "methods":
+    if kind in ("methods", "data_selectors"):
         (cls,) = args
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
-            raise TypeError(f"method class {cls!r} has no `name`")
+            raise TypeError(f"{NOUNS[kind]} class {cls!r} has no `name`")
         return name, cls
     name, obj = args
     return str(name), obj

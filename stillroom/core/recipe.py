@@ -3,7 +3,8 @@
 A recipe has the sections ``method`` (``name`` plus that method's own hyper-parameters),
 ``teacher``, ``student``, ``data``, ``train``, ``export`` and ``bench``. ``train`` belongs to the
 trainer; ``method``, ``teacher``, ``student`` and ``data`` are validated by the models the chosen
-method declares, so every key anywhere is checked. A bad key ends in one line naming its dotted path
+method declares, and ``data.select`` (``name`` plus parameters) by the data selector it names
+(``core.selection``), so every key anywhere is checked. A bad key ends in one line naming its dotted path
 and the keys that are accepted there. ``KEY=VALUE`` overrides use the same dotted paths.
 """
 
@@ -106,12 +107,16 @@ class Recipe(BaseModel):
     train: TrainConfig
     export: ExportConfig
     bench: BenchConfig
+    select_name: str | None = None
+    select: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"description": self.description}
         out["method"] = {"name": self.method_name, **_dump(self.method)}
         for key in ("teacher", "student", "data", "train", "export", "bench"):
             out[key] = _dump(getattr(self, key))
+        if self.select_name is not None:
+            out["data"]["select"] = {"name": self.select_name, **_dump(self.select)}
         return out
 
 
@@ -203,11 +208,16 @@ def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
 
         method_cls = get_host().method(str(name))
     params = {k: v for k, v in method_section.items() if k != "name"}
+    data_section = data.get("data")
+    select = None
+    if isinstance(data_section, dict) and "select" in data_section:
+        data_section = {k: v for k, v in data_section.items() if k != "select"}
+        select = data["data"]["select"]
     sections: dict[str, Any] = {
         "method": _section("method", method_cls.Params, params),
         "teacher": _section("teacher", method_cls.Teacher, data.get("teacher")),
         "student": _section("student", method_cls.Student, data.get("student")),
-        "data": _section("data", method_cls.Data, data.get("data")),
+        "data": _section("data", method_cls.Data, data_section),
         "train": _section("train", TrainConfig, data.get("train")),
         "export": _section("export", ExportConfig, data.get("export")),
         "bench": _section("bench", BenchConfig, data.get("bench")),
@@ -218,7 +228,52 @@ def validate(data: dict[str, Any], method_cls: type | None = None) -> Recipe:
     _check_registered("export.to", "exporters", [sections["export"].to])
     _check_registered("bench.runtimes", "runtimes", sections["bench"].runtimes)
     _check_registered("bench.metrics", "metrics", sections["bench"].metrics)
-    return Recipe(description=description, method_name=method_cls.name, **sections)
+    select_name, select_params = _selection(select, method_cls, sections)
+    return Recipe(
+        description=description,
+        method_name=method_cls.name,
+        select_name=select_name,
+        select=select_params,
+        **sections,
+    )
+
+
+def _selection(value: Any, method_cls: type, sections: dict[str, Any]) -> tuple[str | None, Any]:
+    """``data.select``: the selector's name and its validated parameters (None, None without one).
+
+    A selector that sets the weight of the teacher's term writes it into the method's parameter
+    named by ``Selectable.teacher_weight_param`` (in ``sections``)."""
+    from stillroom.core.host import get_host
+    from stillroom.core.selection import Selectable
+
+    if value is None:
+        return None, None
+    if not isinstance(value, dict) or not value.get("name"):
+        raise StillroomError(
+            "recipe key 'data.select' must be a section with a 'name'",
+            "e.g. data.select: {name: prune_kd, keep: 0.5}; `stillroom plugins` lists data selectors",
+        )
+    if not issubclass(method_cls, Selectable):
+        raise StillroomError(
+            f"recipe key 'data.select': method '{method_cls.name}' (family '{method_cls.family}') does "
+            "not support data selection",
+            "remove data.select, or use a method of a family that supports it",
+        )
+    name = str(value["name"])
+    _check_registered("data.select.name", "data_selectors", [name])
+    selector = get_host().lookup("data_selectors", name)
+    params = _section("data.select", selector.Params, {k: v for k, v in value.items() if k != "name"})
+    weight = selector.teacher_weight(params)
+    if weight is not None:
+        field = method_cls.teacher_weight_param
+        if field is None or field not in type(sections["method"]).model_fields:
+            raise StillroomError(
+                f"recipe key 'data.select': {name} sets the weight of the teacher's term, which method "
+                f"'{method_cls.name}' does not have",
+                "turn the selector's weighting off or choose a method that mixes teacher and labels",
+            )
+        sections["method"] = sections["method"].model_copy(update={field: weight})
+    return name, params
 
 
 def _check_registered(dotted: str, kind: str, names: list[str]) -> None:

@@ -1,6 +1,7 @@
 """The training loop, method-agnostic (nanoGPT's loop with FastVideo's roles).
 
     for step in steps:
+        if data.select is due: method trains on the selector's examples from now (core.selection)
         for phase in method.phases(step):              # e.g. critic x N, then student
             for _ in range(phase.repeats):
                 for micro in range(grad_accum):
@@ -37,6 +38,7 @@ from stillroom.core.host import Host, get_host
 from stillroom.core.method import Context, Method, Role
 from stillroom.core.provenance import versions
 from stillroom.core.recipe import Recipe, TrainConfig
+from stillroom.core.selection import DataSelection
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,7 @@ class Trainer:
             log.debug("role %s on %s", name, self.device)
         ema = self._make_ema(roles["student"].module)
         optims, scheds = self._optimizers(roles)
+        selection = DataSelection.of(self.recipe, method, self.cfg.seed)  # None without data.select
         dataset = method.dataset()
         stream = IndexStream(len(dataset), self.cfg.seed, self.rank, self.world_size)
         run = Run(self.recipe, self.run_dir, method, roles, 0, self.rank, self.world_size)
@@ -180,6 +183,9 @@ class Trainer:
             for name, opt in optims.items():
                 opt.load_state_dict(optim_state["optimizers"][name])
                 scheds[name].load_state_dict(optim_state["schedulers"][name])
+            if selection is not None:
+                selection.load_state_dict(state["selection"])
+                dataset, stream = self._selected_data(method, selection)
             run.step, stream.position = state["step"], state["data_position"]
             method.load_state_dict(state.get("method", {}))
             self._truncate_metrics(run.step)
@@ -197,7 +203,14 @@ class Trainer:
             while run.step < self.cfg.steps:
                 step = run.step
                 started = time.perf_counter()
-                metrics = self._train_step(method, roles, optims, scheds, dataset, stream, step)
+                selected = {}
+                if selection is not None and selection.due(step):
+                    selected = selection.select(step, self.cfg.steps)
+                    dataset, stream = self._selected_data(method, selection)
+                metrics = {
+                    **self._train_step(method, roles, optims, scheds, dataset, stream, step),
+                    **selected,
+                }
                 if ema is not None:
                     self._update_ema(ema, roles["student"].module)
                 method.after_step(step, metrics)
@@ -212,7 +225,7 @@ class Trainer:
                 advance(metrics)
                 every = self.cfg.checkpoint_every
                 if (every and run.step % every == 0) or run.step == self.cfg.steps:
-                    self._checkpoint(run, modules, optims, scheds, stream, method)
+                    self._checkpoint(run, modules, optims, scheds, stream, method, selection)
 
         student_dir = self._finish(run, method, ema or roles["student"].module, writer)
         distributed.shutdown()
@@ -338,13 +351,20 @@ class Trainer:
         student.train(was_training)
         return {k: float(v) for k, v in result.items()}
 
-    def _checkpoint(self, run: Run, modules, optims, scheds, stream: IndexStream, method: Method) -> None:
+    def _selected_data(self, method: Method, selection: DataSelection) -> tuple[Any, IndexStream]:
+        """The method's data after a selection, and a fresh example order for it (seeded by the step)."""
+        dataset = selection.dataset(method.dataset())
+        return dataset, IndexStream(len(dataset), self.cfg.seed + selection.step, self.rank, self.world_size)
+
+    def _checkpoint(self, run: Run, modules, optims, scheds, stream, method, selection) -> None:
         if self.rank == 0:
             optim_state = {
                 "optimizers": {k: v.state_dict() for k, v in optims.items()},
                 "schedulers": {k: v.state_dict() for k, v in scheds.items()},
             }
             state = {"data_position": stream.position, "method": method.state_dict()}
+            if selection is not None:
+                state["selection"] = selection.state_dict()
             path = checkpoint.save(
                 self.run_dir / "checkpoints", run.step, modules, optim_state, state, self.cfg.keep_checkpoints
             )

@@ -1,6 +1,8 @@
 """Built-in image-classifier family: distils a CNN classifier (default: the shipped MNIST classifier)
-into smaller CNNs built from config; methods ``classifier_kd`` (Hinton et al. 2015) and ``lelp``
-(Loo et al. 2024), one file each under ``methods/``; the ``accuracy`` metric (accuracy and ECE)."""
+into smaller CNNs or MLP-mixers built from config; methods ``classifier_kd`` (Hinton et al. 2015),
+``lelp`` (Loo et al. 2024), ``dmae`` (Bai et al. 2023), ``had`` (Yang et al. 2025) and
+``prototype_relation`` (Asadi et al. 2023, class-incremental), one file each under ``methods/``; the
+``accuracy`` metric (accuracy and ECE)."""
 
 from stillroom.core.hookspecs import hookimpl
 
@@ -25,8 +27,11 @@ def register_metrics(register):
 
 @hookimpl
 def register_methods(register):
+    from stillroom.plugins.classifier.methods.dmae import DMAE
+    from stillroom.plugins.classifier.methods.had import HAD
     from stillroom.plugins.classifier.methods.kd import ClassifierKD
     from stillroom.plugins.classifier.methods.lelp import LELP
+    from stillroom.plugins.classifier.methods.prototype_relation import PrototypeRelation
 
-    for method in (ClassifierKD, LELP):
+    for method in (ClassifierKD, LELP, DMAE, HAD, PrototypeRelation):
         register(method)

@@ -21,6 +21,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.method import Method, Params, Role
 from stillroom.data import locate
 from stillroom.plugins.classifier import data, metrics, models
+from stillroom.plugins.classifier.selection import ClassifierSelection
 
 BATCH = 500  # images per forward when a whole split goes through a model
 
@@ -46,10 +47,11 @@ class ClassifierData(Params):
     )
 
 
-class ClassifierMethod(Method):
+class ClassifierMethod(Method, ClassifierSelection):
     """Base of the classifier distillation methods (one trainable role: the student)."""
 
     family = "classifier"
+    architecture = "ConvClassifier"  # the student's network (``models.NETWORKS``)
     Teacher = ClassifierTeacher
     Student = ClassifierStudent
     Data = ClassifierData
@@ -77,23 +79,27 @@ class ClassifierMethod(Method):
         self.images = torch.from_numpy(self.spec.normalise(pixels))
         self.labels = torch.from_numpy(labels)
         self.targets = None
-        if self.needs_teacher:
+        self.start_pool(self.images, self.labels)  # data.select trains on a part of it (selection.py)
+        if self.needs_teacher and self.recipe.select_name is None:
             logits, features = self.teacher_outputs(self.images)
             self.targets = self.teacher_targets(logits, features).float()
-        s = self.recipe.student
-        config = self.teacher.config.model_copy(
-            update={
-                "architecture": "ConvClassifier",
-                "channels": s.channels,
-                "convs_per_stage": s.convs_per_stage,
-                "feature_dim": s.feature_dim,
-                "dropout": s.dropout,
-                "subclasses": self.subclasses(),
-                "class_names": self.spec.class_names,
-            }
-        )
-        self.student = models.ConvClassifier(config).to(self.ctx.device)
+        self.student = models.build_classifier(self.student_config()).to(self.ctx.device)
         return {"student": Role(self.student)}
+
+    def student_config(self) -> models.ClassifierConfig:
+        """The student's network: the recipe's ``student`` section with the teacher's classes and input."""
+        t = self.teacher.config
+        return models.ClassifierConfig(
+            architecture=self.architecture,
+            num_classes=t.num_classes,
+            in_channels=t.in_channels,
+            image_size=t.image_size,
+            mean=t.mean,
+            std=t.std,
+            class_names=self.spec.class_names,
+            subclasses=self.subclasses(),
+            **self.recipe.student.model_dump(),
+        )
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A split of ``data.source``, checked against what the teacher takes."""
@@ -148,6 +154,10 @@ class ClassifierMethod(Method):
         probs = metrics.softmax(
             torch.cat([student(c.to(self.ctx.device)).cpu() for c in chunks]).double().numpy()
         )
+        return self.scores(probs)
+
+    def scores(self, probs: np.ndarray) -> dict[str, float]:
+        """What ``evaluate`` reports of the student's class probabilities [N, C] on the held-out split."""
         return {
             "accuracy": metrics.accuracy(probs, self.heldout_labels),
             "ece": metrics.expected_calibration_error(probs, self.heldout_labels),

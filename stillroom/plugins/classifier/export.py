@@ -1,8 +1,9 @@
 """Classifier -> one validated ONNX graph: ``image [batch, C, H, W] float32 -> logits [batch, num_classes]``.
 
-The input is the normalised image (the manifest's ``spec`` says how pixels become it); the output is
-class logits, with an LELP student's subclasses already summed (``models.class_logits``). The batch is
-dynamic (dynamo exporter, example batch 2).
+Any network of the family exports the same way (a CNN, an MLP-mixer student of ``had``, a cosine
+prototype head). The input is the normalised image (the manifest's ``spec`` says how pixels become
+it); the output is class logits, with an LELP student's subclasses already summed
+(``models.class_logits``). The batch is dynamic (dynamo exporter, example batch 2).
 
 Validation runs PyTorch and ONNX Runtime on the held-out split of the student's training data (its
 card's ``data.source``, else ``embedded:mnist``), at batch sizes 1, 3 and ``CHUNK``, and passes when
@@ -29,7 +30,7 @@ from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
 from stillroom.plugins.classifier import data
-from stillroom.plugins.classifier.models import ConvClassifier, load_classifier
+from stillroom.plugins.classifier.models import Classifier, load_classifier
 from stillroom.plugins.classifier.spec import KIND, TASK
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ MIN_AGREEMENT = 0.999
 CHUNK = 256
 
 
-def validate(model: ConvClassifier, session, images: np.ndarray) -> dict[str, Any]:
+def validate(model: Classifier, session, images: np.ndarray) -> dict[str, Any]:
     """PyTorch vs the ONNX session on ``images`` (normalised), in batches of 1, 3, then ``CHUNK``."""
     bounds = [0, 1, 4, *range(4 + CHUNK, len(images), CHUNK), len(images)]
     worst, same, seen = 0.0, 0, 0

@@ -7,9 +7,21 @@ a 128-d embedding) is the same network at its default config, so teacher and stu
 export through the same code.
 
 Stage s is ``convs_per_stage`` x (3x3 conv + ReLU) with ``channels[s]`` outputs, then a 2x2 max-pool;
-then the embedding ``features = ReLU(fc(flatten))`` and a linear head with ``num_classes x subclasses``
-outputs (class-major: output ``c * K + j`` is subclass j of class c). ``forward`` returns class logits:
-with K > 1 the log of the summed subclass probabilities (``class_logits``).
+then the embedding ``features = ReLU(fc(flatten))`` (fc alone under a cosine head) and a head with
+``num_classes x subclasses`` outputs (class-major: output ``c * K + j`` is subclass j of class c).
+``forward`` returns class logits: with K > 1 the log of the summed subclass probabilities
+(``class_logits``).
+
+``MixerClassifier`` is a student of another architecture (HAD): an MLP-Mixer (Tolstikhin et al. 2021)
+over non-overlapping ``patch_size`` patches. A ``patch_size`` x ``patch_size`` conv embeds each patch
+as a ``feature_dim`` token; ``depth`` blocks each mix across tokens and then across channels
+
+    X <- X + W2 GELU(W1 LN(X)^T)^T  (token mixing, ``token_hidden`` wide)
+    X <- X + W4 GELU(W3 LN(X))      (channel mixing, ``channel_hidden`` wide)
+
+and ``features`` is the mean over tokens of LN(X). Either network's head is linear, or with
+``head: cosine`` (prototype methods) the scaled cosine ``<z / |z|, w_c / |w_c|> / temperature`` of the
+embedding z with each output's weight w_c (its prototype).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from torch import nn
+from torch.nn import functional as F
 
 from stillroom.core.errors import StillroomError
 from stillroom.core.fsio import write_bytes, write_json
@@ -33,7 +46,7 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # the teacher's config.json also records its training
 
-    architecture: Literal["ConvClassifier", "MnistClassifier"] = "ConvClassifier"
+    architecture: Literal["ConvClassifier", "MnistClassifier", "MixerClassifier"] = "ConvClassifier"
     channels: list[PositiveInt] = Field([32, 64], min_length=1)
     convs_per_stage: PositiveInt = 2
     feature_dim: PositiveInt = 128
@@ -45,6 +58,12 @@ class ClassifierConfig(BaseModel):
     std: list[float] = [0.5]
     class_names: list[str] | None = None
     dropout: float = Field(0.0, ge=0, lt=1)
+    head: Literal["linear", "cosine"] = "linear"
+    temperature: float = Field(1.0, gt=0)  # the cosine head's logits are cosines / temperature
+    patch_size: PositiveInt = 4  # MixerClassifier only, as are the three below
+    depth: PositiveInt = 2
+    token_hidden: PositiveInt = 64
+    channel_hidden: PositiveInt = 128
 
     def spec(self) -> ClassifierSpec:
         return ClassifierSpec(
@@ -69,7 +88,44 @@ def class_logits(subclass_logits: torch.Tensor, subclasses: int) -> torch.Tensor
     return subclass_logits.unflatten(-1, (-1, subclasses)).logsumexp(-1)
 
 
-class ConvClassifier(nn.Module):
+class CosineHead(nn.Module):
+    """Scaled cosine similarity of the embedding with each output's prototype (its weight row)."""
+
+    def __init__(self, features: int, outputs: int, temperature: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, features) / features**0.5)
+        self.temperature = temperature
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T / self.temperature
+
+
+class Classifier(nn.Module):
+    """What every network of the family shares: an embedding (``features``), a dropout and a head."""
+
+    def add_head(self) -> None:
+        """The dropout and the head, created after the body (which keeps a seed's initial weights)."""
+        config = self.config
+        self.dropout = nn.Dropout(config.dropout)
+        outputs = config.num_classes * config.subclasses
+        if config.head == "cosine":
+            self.head: nn.Module = CosineHead(config.feature_dim, outputs, config.temperature)
+        else:
+            self.head = nn.Linear(config.feature_dim, outputs)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subclass_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's outputs [B, num_classes * subclasses]."""
+        return self.head(self.dropout(self.features(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes]."""
+        return class_logits(self.subclass_logits(images), self.config.subclasses)
+
+
+class ConvClassifier(Classifier):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
@@ -88,23 +144,76 @@ class ConvClassifier(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(width * side * side, config.feature_dim)
-        self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.feature_dim, config.num_classes * config.subclasses)
+        self.add_head()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The penultimate embedding [B, feature_dim] of normalised images [B, C, H, W]."""
-        return torch.relu(self.fc(self.conv(images).flatten(1)))
-
-    def subclass_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's outputs [B, num_classes * subclasses]."""
-        return self.head(self.dropout(self.features(images)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes]."""
-        return class_logits(self.subclass_logits(images), self.config.subclasses)
+        """The penultimate embedding [B, feature_dim] of normalised images [B, C, H, W]: ReLU(fc) for a
+        linear head; fc alone for a cosine head (its sphere needs signed embeddings, and a ReLU
+        embedding that dies to 0 has no direction left to learn from)."""
+        z = self.fc(self.conv(images).flatten(1))
+        return torch.relu(z) if self.config.head == "linear" else z
 
 
-def load_classifier(path: str | Path, role: str = "model") -> ConvClassifier:
+def mlp(width: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, width: int, token_hidden: int, channel_hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.tokens = nn.LayerNorm(width), mlp(tokens, token_hidden)
+        self.norm2, self.channels = nn.LayerNorm(width), mlp(width, channel_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class MixerClassifier(Classifier):
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        p, size = config.patch_size, config.image_size
+        if size % p:
+            raise StillroomError(
+                f"patch_size {p} does not divide the {size}px image", "choose a patch_size that divides it"
+            )
+        self.grid = size // p
+        self.embed = nn.Conv2d(config.in_channels, config.feature_dim, p, stride=p)
+        self.blocks = nn.Sequential(
+            *(
+                MixerBlock(self.grid**2, config.feature_dim, config.token_hidden, config.channel_hidden)
+                for _ in range(config.depth)
+            )
+        )
+        self.norm = nn.LayerNorm(config.feature_dim)
+        self.add_head()
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [B, N, feature_dim], N = (image_size / patch_size)^2 in row-major order."""
+        return self.embed(images).flatten(2).transpose(1, 2)
+
+    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The mixer blocks and the final LayerNorm over tokens [B, N, feature_dim]."""
+        return self.norm(self.blocks(tokens))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.patch_tokens(images)).mean(1)
+
+
+NETWORKS = {
+    "ConvClassifier": ConvClassifier,
+    "MnistClassifier": ConvClassifier,
+    "MixerClassifier": MixerClassifier,
+}
+
+
+def build_classifier(config: ClassifierConfig) -> Classifier:
+    """The network ``config.architecture`` names, freshly initialised."""
+    return NETWORKS[config.architecture](config)
+
+
+def load_classifier(path: str | Path, role: str = "model") -> Classifier:
     """The classifier saved in ``path`` (config.json + model.safetensors), in eval mode on the CPU."""
     from safetensors.torch import load_file
 
@@ -122,7 +231,7 @@ def load_classifier(path: str | Path, role: str = "model") -> ConvClassifier:
         raise StillroomError(
             f"{role} '{path}' config.json: {where}: {first['msg']}", "fix config.json"
         ) from None
-    model = ConvClassifier(config)
+    model = build_classifier(config)
     try:
         model.load_state_dict(load_file(str(root / WEIGHTS), device="cpu"))
     except RuntimeError as err:
@@ -133,7 +242,7 @@ def load_classifier(path: str | Path, role: str = "model") -> ConvClassifier:
     return model.eval()
 
 
-def save_classifier(model: ConvClassifier, out_dir: Path) -> None:
+def save_classifier(model: Classifier, out_dir: Path) -> None:
     from safetensors.torch import save
 
     out_dir = Path(out_dir)

@@ -22,7 +22,8 @@ from stillroom.core.errors import StillroomError
 
 KIND = "image-classifier"
 TASK = "image-classification"
-ARCHITECTURES = ("ConvClassifier", "MnistClassifier")  # models.ConvClassifier; the shipped teacher's name
+# models.NETWORKS: ConvClassifier (MnistClassifier is the shipped teacher's name for it), MixerClassifier
+ARCHITECTURES = ("ConvClassifier", "MnistClassifier", "MixerClassifier")
 
 
 def is_classifier_dir(path: Path) -> bool:
