@@ -44,6 +44,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "gkd": ("lm-gkd", []),
     "seqkd": ("lm-seqkd", ["method.max_prompts=128"]),
     "hidden": ("lm-hidden", []),
+    "hidden mi_alpha": ("lm-hidden", ["method.hidden_loss=mi_alpha"]),
 }
 SHORT = {
     "ce": "ce (baseline)",
@@ -59,6 +60,7 @@ SHORT = {
     "gkd": "gkd",
     "seqkd": "seqkd",
     "hidden": "hidden",
+    "mi_alpha": "hidden mi_alpha",
 }
 
 

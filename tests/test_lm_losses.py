@@ -228,3 +228,102 @@ def test_topk_bins_are_exact_with_the_whole_vocabulary_and_bounded_below_full_kl
     qb = torch.cat([q.gather(-1, idx), 1 - q.gather(-1, idx).sum(-1, keepdim=True)], -1)
     assert coarse.item() == pytest.approx((T * T * masked_mean64(kl64(pb, qb), mask)).item(), rel=1e-4)
     assert 0 < coarse.item() <= full.item() + 1e-6
+
+
+# -- MI-alpha (Distiller / Poole et al. 2019's interpolated bound) ---------------------------------
+def ref_mi_alpha(S, alpha, log_q=0.0):
+    """I_alpha written out with loops over the ordered pairs i != j, float64."""
+    S = S.double()
+    n, q = S.shape[0], math.exp(log_q)
+
+    def baseline(i, left_out):  # alpha * mean_{k != left_out} e^{S_ik} + (1 - alpha) q
+        m = sum(math.exp(S[i, k]) for k in range(n) if k != left_out) / (n - 1)
+        return alpha * m + (1 - alpha) * q
+
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    joint = sum(S[i, i].item() - math.log(baseline(i, j)) for i, j in pairs) / len(pairs)
+    marginal = sum(math.exp(S[i, j]) / baseline(i, i) for i, j in pairs) / len(pairs)
+    return 1 + joint - marginal
+
+
+@pytest.fixture()
+def scores():
+    return torch.randn(6, 6, generator=torch.Generator().manual_seed(3)) * 2
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("log_q", [0.0, 0.7])
+def test_mi_alpha_matches_loop_reference(scores, alpha, log_q):
+    got = losses.mi_alpha_bound(scores, alpha, log_q)
+    assert got.item() == pytest.approx(ref_mi_alpha(scores, alpha, log_q), rel=1e-5, abs=1e-6)
+
+
+def test_mi_alpha_limits_are_infonce_and_tuba(scores):
+    n = scores.shape[0]
+    # alpha = 1: InfoNCE with K = N - 1, i.e. log(N - 1) - cross-entropy of the diagonal, averaged over
+    # which sample is left out (the marginal term is exactly 1)
+    nce = []
+    for j in range(n):
+        keep = [k for k in range(n) if k != j]
+        sub = scores[keep][:, keep]
+        nce.append(math.log(n - 1) - torch.nn.functional.cross_entropy(sub, torch.arange(n - 1)).item())
+    assert losses.mi_alpha_bound(scores, 1.0).item() == pytest.approx(sum(nce) / n, rel=1e-5)
+    # alpha = 0: the TUBA/NWJ bound 1 + E_p[f - log q] - E_{p(x)p(y)}[e^f / q]
+    off = ~torch.eye(n, dtype=torch.bool)
+    tuba = 1 + (scores.diagonal() - 0.5).mean() - (scores.exp()[off] / math.exp(0.5)).mean()
+    assert losses.mi_alpha_bound(scores, 0.0, 0.5).item() == pytest.approx(tuba.item(), rel=1e-5)
+
+
+def test_mi_alpha_estimates_the_mutual_information_of_correlated_gaussians():
+    """With the optimal critic f = log p(y|x) - log p(y), I_0 is unbiased and I_1 <= log(N - 1)."""
+    rho, n = 0.8, 400
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(n, generator=g, dtype=torch.float64)
+    var = 1 - rho**2  # scores[i, k] = f(x_k, y_i)
+    S = -((y[:, None] - rho * x[None, :]) ** 2) / (2 * var) - 0.5 * math.log(var) + y[:, None] ** 2 / 2
+    truth = -0.5 * math.log(1 - rho**2)  # 0.51 nats
+    for alpha in (0.0, 0.5, 1.0):
+        assert losses.mi_alpha_bound(S, alpha).item() == pytest.approx(truth, abs=0.08)
+    assert losses.mi_alpha_bound(S * 50, 1.0).item() <= math.log(n - 1) + 1e-6
+
+
+def test_mi_alpha_is_finite_with_a_dominant_positive_and_its_gradient_too():
+    S = torch.full((5, 5), -200.0)
+    S.fill_diagonal_(0.0)
+    S = S.requires_grad_(True)
+    value = losses.mi_alpha_bound(S, 0.5)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(S.grad).all()
+    assert value.item() == pytest.approx(ref_mi_alpha(S.detach(), 0.5), rel=1e-6)
+
+
+def test_hidden_mi_alpha_objective_is_mse_like_at_alpha_0_and_spares_the_teacher():
+    from stillroom.plugins.lm.methods.hidden import HiddenObjective, hidden_distance
+
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(2, 4, 8, generator=g) * 10
+    student = (teacher + 0.3 * torch.randn(2, 4, 8, generator=g)).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    keep = mask.bool()
+    tau, D = 0.1, 8
+    s, t = student.detach()[keep].double(), teacher[keep].double()
+    v = t.var(dim=0, unbiased=False).mean()
+    mse = ((s - t) ** 2).mean()
+    n = s.shape[0]
+    repulsion = sum(
+        math.exp(-((s[k] - t[i]) ** 2).sum().item() / (D * tau * v.item()))
+        for i in range(n)
+        for k in range(n)
+        if i != k
+    ) / (n * (n - 1))
+    assert repulsion < 1e-3  # the other positions are far apart: what is left is MSE
+    teacher = teacher.requires_grad_(True)
+    objective = HiddenObjective(hidden_loss="mi_alpha", mi_alpha=0.0, mi_temperature=tau)
+    got = hidden_distance(student, teacher, mask, objective)
+    assert got.item() == pytest.approx((mse / (tau * v) - 1 + repulsion).item(), rel=1e-5)
+    got.backward()
+    assert teacher.grad is None and torch.all(student.grad[~keep] == 0) and student.grad[keep].abs().sum() > 0
+    # alpha = 1 scores the same features contrastively: -InfoNCE >= -log(N - 1)
+    infonce = hidden_distance(student, teacher, mask, HiddenObjective(hidden_loss="mi_alpha", mi_alpha=1.0))
+    assert -math.log(keep.sum().item() - 1) - 1e-6 <= infonce.item() < 0

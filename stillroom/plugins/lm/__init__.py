@@ -27,16 +27,19 @@ def register_methods(register):
     from stillroom.plugins.lm.methods.gkd import GKD
     from stillroom.plugins.lm.methods.hidden import Hidden
     from stillroom.plugins.lm.methods.kd import KD
+    from stillroom.plugins.lm.methods.self_distill import SelfDistill
     from stillroom.plugins.lm.methods.seqkd import SeqKD
     from stillroom.plugins.lm.methods.sinkhorn import Sinkhorn
     from stillroom.plugins.lm.methods.taid import TAID
 
-    for method in (KD, TAID, Sinkhorn, GKD, SeqKD, Hidden):
+    for method in (KD, TAID, Sinkhorn, GKD, SeqKD, Hidden, SelfDistill):
         register(method)
 
 
 @hookimpl
 def register_commands(cli):
     from stillroom.plugins.lm.evaluate import eval_command
+    from stillroom.plugins.lm.student_search.command import search_student
 
     cli.add_command(eval_command)
+    cli.add_command(search_student)

@@ -53,6 +53,10 @@ class LMData(Params):
     max_train_tokens: int | None = Field(None, gt=0)
     eval_tokens: int = Field(8192, gt=0, description="held-out tokens for perplexity/agreement")
     eval_batch: int = Field(8, gt=0)
+    augment: Literal["none", "random-replace"] = Field(
+        "none", description="noise on the training inputs (plugins/lm/augment.py); labels stay clean"
+    )
+    augment_p: float = Field(0.1, ge=0, lt=1, description="data.augment: fraction of tokens replaced")
 
 
 class LMMethod(Method):
@@ -79,6 +83,11 @@ class LMMethod(Method):
                 raise StillroomError(
                     f"method '{self.name}' needs the teacher in memory, not a logit cache",
                     "remove teacher.cache (use teacher.cache=none)",
+                )
+            if self.recipe.data.augment != "none":
+                raise StillroomError(
+                    "data.augment changes the inputs the teacher's top-k cache was built on",
+                    "set data.augment=none or teacher.cache=none",
                 )
             self.cache = self._open_cache(teacher)
             del teacher  # training runs on the cache alone
@@ -156,6 +165,12 @@ class LMMethod(Method):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = textdata.pad_examples(items, self.pad_id)
+        cfg = self.recipe.data
+        if cfg.augment == "random-replace":
+            from stillroom.plugins.lm.augment import random_replace
+
+            vocab = int(self.student.get_output_embeddings().weight.shape[0])
+            batch["input_ids"] = random_replace(batch, vocab, cfg.augment_p, self.ctx.seed)
         if self.cache is not None:
             batch.update(self.cache.rows(batch["index"], batch["input_ids"].shape[1]))
         return {k: v.to(self.ctx.device) for k, v in batch.items()}

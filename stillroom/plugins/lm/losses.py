@@ -13,6 +13,9 @@ unchanged and the limiting cases below hold at any T.
 
 The functions accept anything whose ``log_softmax`` is the distribution meant, so the top-k teacher
 cache (``topk.py``) passes ``T * log p`` over its k+1 bins and reuses them unchanged.
+
+``mi_alpha_bound`` is the odd one out: a mutual-information lower bound on a matrix of critic scores
+between two sets of representations (hidden-state distillation's ``mi_alpha`` objective, ``hidden.py``).
 """
 
 from __future__ import annotations
@@ -193,6 +196,49 @@ def sinkhorn_loss(
         log_b = log_mu - torch.logsumexp(log_k + log_a[:, None], dim=0)
     plan = torch.exp(log_a[:, None] + log_k + log_b[None, :])
     return (plan * cost).sum()
+
+
+def mi_alpha_bound(scores: torch.Tensor, alpha: float, log_baseline: float = 0.0) -> torch.Tensor:
+    """The interpolated mutual-information lower bound I_alpha (Poole et al. 2019, "On Variational
+    Bounds of Mutual Information"), which Distiller (He et al. 2021, "Distiller: A
+    Systematic Study of Model Distillation Methods in Natural Language Processing") uses as its MI-alpha
+    objective for intermediate representations:
+
+        I_alpha = 1 + E_{p(x_1:K) p(y|x_1)} [ log e^{f(x_1, y)} / (alpha m(y; x_1:K) + (1 - alpha) q(y)) ]
+                    - E_{p(x_1:K) p(y)}      [ e^{f(x_1, y)}   / (alpha m(y; x_1:K) + (1 - alpha) q(y)) ],
+        m(y; x_1:K) = 1/K sum_k e^{f(x_k, y)},    q(y) = e^{log_baseline}.
+
+    ``scores[i, k] = f(x_k, y_i)`` for N pairs (x_i, y_i) drawn jointly. As in the paper's estimator,
+    every ordered pair i != j is used with K = N - 1 samples: the joint term pairs y_i with x_i and
+    leaves x_j out of m, the marginal term pairs y_i with x_j (independent of y_i) and leaves x_i out:
+
+        I_alpha = 1 + mean_{i != j} [ S_ii - b_ij ] - mean_{i != j} exp(S_ij - b_ii),
+        b_ij = log(alpha * mean_{k != j} e^{S_ik} + (1 - alpha) * q).
+
+    alpha = 1: the marginal term is exactly 1 and I_1 is InfoNCE (van den Oord et al. 2018) with
+    K = N - 1 samples, bounded by log(N - 1) (low variance, high bias). alpha = 0: I_0 = 1 + mean_i
+    [S_ii - log q] - mean_{i != j} e^{S_ij} / q, the single-sample TUBA/NWJ bound (unbiased, high
+    variance). The leave-one-out log-means are exact: a row's largest score is removed by masking,
+    every other one by log(e^r - e^s), which is well conditioned once the maximum is gone.
+    """
+    n = scores.shape[0]
+    if scores.ndim != 2 or scores.shape[1] != n or n < 2:
+        raise ValueError(f"scores must be a square matrix of at least 2 x 2, got {tuple(scores.shape)}")
+    s = scores.float()
+    lse = torch.logsumexp(s, dim=1, keepdim=True)
+    top = s.argmax(dim=1, keepdim=True)
+    is_top = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True)
+    lse_without_top = torch.logsumexp(s.masked_fill(is_top, float("-inf")), dim=1, keepdim=True)
+    gap = (s - lse).clamp(max=-math.log(2.0))  # <= log(1/2) for every entry that is not the row maximum
+    loo = torch.where(is_top, lse_without_top, lse + torch.log(-torch.expm1(gap)))
+    log_mean = loo - math.log(n - 1)  # log mean_{k != j} e^{S_ik}
+    b = _log_mix(log_mean, torch.full_like(log_mean, log_baseline), alpha)
+    off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    pairs = n * (n - 1)
+    joint = (s.diagonal()[:, None] - b).masked_fill(~off, 0.0).sum() / pairs
+    # the diagonal is masked before exp: e^{S_ii - b_ii} may overflow, and inf * 0 is nan
+    marginal = torch.exp((s - b.diagonal()[:, None]).masked_fill(~off, float("-inf"))).sum() / pairs
+    return 1.0 + joint - marginal
 
 
 DIVERGENCES = {

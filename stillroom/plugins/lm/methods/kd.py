@@ -12,6 +12,12 @@ Network"), with the divergence as a choice:
 
 The first term transfers the teacher's whole next-token distribution ("dark knowledge"), the second
 keeps the student on the data. ``kd_ratio = 0`` is plain next-token training (the baseline).
+
+``1 - kd_ratio`` is the ground-truth weight xi of Borup & Andersen 2021 ("Even your Teacher Needs
+Guidance: Ground-Truth Targets Dampen Regularization Imposed by Self-Distillation"): in repeated
+self-distillation (a teacher of the student's own architecture; round k's student teaches round
+k + 1, chained as runs with ``teacher.path=ROUND_K/student``) xi = 0 keeps amplifying the
+regularisation round after round, xi > 0 damps it. ``benchmarks/self_distill_rounds.py`` measures it.
 """
 
 from __future__ import annotations
