@@ -16,7 +16,7 @@ Students are trained by the shipped recipes (``stillroom/recipes/mnist-*.yaml``)
 ``--train-for`` (default 1 and 4); a row whose step count has no student of its own retargets the
 nearest trained student (``load_generator(..., steps=k)``) and says so in the ``trained_for`` column.
 An existing run directory is reused. The teacher samples with its own DDIM (x0 clipped as its
-scheduler config says).
+scheduler config says), or Euler for ``--teacher flow`` (the embedded flow-matching teacher, CFG 1.5).
 """
 
 from __future__ import annotations
@@ -38,7 +38,16 @@ METHODS = {
     "hypersd": "mnist-hypersd",
     "dmd2": "mnist-dmd2",
     "vsd": "mnist-vsd",
+    "flow_map": "mnist-flow-map",
+    "mdt": "mnist-mdt",
+    "boot": "mnist-boot",
+    "tbcm": "mnist-tbcm",
+    "agd": "mnist-agd",
+    "phased_dmd": "mnist-phased-dmd",
+    "distill_dpo": "mnist-distill-dpo",
 }
+# --teacher NAME: (teacher spec, CFG scale of its reference rows = its card's recommended w)
+TEACHERS = {"ddpm": ("embedded:mnist_teacher", 2.0), "flow": ("embedded:mnist_flow_teacher", 1.5)}
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
@@ -105,7 +114,10 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--teacher-steps", default="50,25,10,4,1")
     ap.add_argument("--student-steps", default="1,2,4")
-    ap.add_argument("--teacher", default="embedded:mnist_teacher", help="class-conditional 28/32px teacher")
+    ap.add_argument(
+        "--teacher", default="ddpm",
+        help="ddpm (DDIM rows), flow (Euler rows; for the flow methods) or a class-conditional 28/32px spec",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from stillroom.core import recipe as recipes
@@ -116,6 +128,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.teacher, guidance = TEACHERS.get(args.teacher, (args.teacher, 2.0))
     teacher = dm.load_teacher(args.teacher)
     classifier = load_classifier("cpu")
     labels = torch.arange(10).repeat_interleave(args.per_class)
@@ -156,7 +169,6 @@ def main() -> None:
         f"{'model':<14}{'steps':>6}{'trained':>8}{'fid_like':>10}{'acc':>9}{'divers.':>10}{'recall':>8}"
         f"{'ms/img':>10}"
     )
-    guidance = 2.0
     for steps in [int(s) for s in args.teacher_steps.split(",") if s]:
 
         def sample(z, y, steps=steps):
@@ -220,7 +232,7 @@ def markdown(rows: list[dict], args) -> str:
     """The table as markdown, with the command line that produced it."""
     lines = [
         "FID-like = Frechet distance on the shipped MNIST classifier's features (NOT Inception FID);",
-        f"{args.per_class} samples per class, CFG 2.0 for the teacher (students have it baked in).",
+        f"{args.per_class} samples per class, the teacher with its card's CFG (students have it baked in).",
         "",
         "| model | steps | student trained for | FID-like | class acc. | diversity | recall | ms/image |",
         "|---|---|---|---|---|---|---|---|",

@@ -148,6 +148,15 @@ def shipped_recipe(method: str) -> dict[str, Any]:
     raise LookupError(f"no shipped recipe uses method '{method}'")
 
 
+def teacher_asset(method: str, family: str) -> str:
+    """The tiny teacher ``method`` trains on: the flow-matching one for a method that distils only flow
+    teachers (``DiffusionMethod.teachers``), else its family's."""
+    from stillroom.core.host import get_host
+
+    kinds = getattr(get_host().method(method), "teachers", None)
+    return "flow_teacher" if kinds is not None and "ddpm" not in kinds else f"{family}_teacher"
+
+
 def tiny_recipe(method: str, family: str, assets: dict[str, Path], run: Path) -> dict[str, Any]:
     data = shipped_recipe(method)
     data["train"] = {
@@ -163,7 +172,7 @@ def tiny_recipe(method: str, family: str, assets: dict[str, Path], run: Path) ->
         "warmup_steps": 0,
         "lr": 3e-3,
     }
-    data["teacher"] = {**(data.get("teacher") or {}), "path": str(assets[f"{family}_teacher"])}
+    data["teacher"] = {**(data.get("teacher") or {}), "path": str(assets[teacher_asset(method, family)])}
     if family == "lm":
         data["teacher"].pop("cache", None)
         data["student"] = {"config": {"num_hidden_layers": 1}, "init": "teacher-layers"}
@@ -329,6 +338,17 @@ def timing_check(assets: dict[str, Path], student_dir: Path) -> dict[str, Any]:
 
 
 # -- main ---------------------------------------------------------------------------------------------
+def build_flow_teacher(out: Path) -> Path:
+    """The tiny class teacher's UNet with a rectified-flow scheduler (a velocity teacher)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stillroom.testing import build_class_teacher
+
+    build_class_teacher(out)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(out / "scheduler")
+    return out
+
+
 def build_assets(root: Path) -> dict[str, Path]:
     from stillroom.testing import build_class_teacher, build_label_folder, build_tiny_generator, build_tiny_lm
 
@@ -342,6 +362,7 @@ def build_assets(root: Path) -> dict[str, Path]:
         "lm_teacher": build_tiny_lm(root / "lm_teacher", "llama", layers=2, hidden=64),
         "corpus": corpus,
         "diffusion_teacher": build_class_teacher(root / "diffusion_teacher"),
+        "flow_teacher": build_flow_teacher(root / "flow_teacher"),
         "images": build_label_folder(root / "images"),
         "generator": build_tiny_generator(root / "generator", steps=2),
     }

@@ -28,12 +28,19 @@ def register_metrics(register):
 
 @hookimpl
 def register_methods(register):
+    from stillroom.plugins.diffusion.methods.agd import AGD
+    from stillroom.plugins.diffusion.methods.boot import BOOT
     from stillroom.plugins.diffusion.methods.consistency import Consistency
+    from stillroom.plugins.diffusion.methods.distill_dpo import DistillDPO
     from stillroom.plugins.diffusion.methods.dmd2 import DMD2
+    from stillroom.plugins.diffusion.methods.flow_map import FlowMap
+    from stillroom.plugins.diffusion.methods.mdt import MDT
+    from stillroom.plugins.diffusion.methods.phased_dmd import PhasedDMD
     from stillroom.plugins.diffusion.methods.progressive import Progressive
+    from stillroom.plugins.diffusion.methods.tbcm import TBCM
     from stillroom.plugins.diffusion.methods.vsd import VSD
 
-    for method in (Progressive, Consistency, DMD2, VSD):
+    for method in (Progressive, Consistency, DMD2, VSD, AGD, PhasedDMD, FlowMap, MDT, BOOT, TBCM, DistillDPO):
         register(method)
 
 

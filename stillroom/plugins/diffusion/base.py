@@ -8,6 +8,13 @@ The student starts as a copy of the teacher's UNet. Batches are dicts
 
 and every method samples with the same ``FewStepGenerator`` the export unrolls, so training and
 deployment use one set of equations.
+
+Both kinds of teacher noise as x_t = a_t x0 + s_t eps, with (a_t, s_t) from ``sampler.schedule_coefficients``:
+a DDPM (VP) teacher has a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t) on t = 0..T-1 and predicts epsilon,
+v = a eps - s x0 or x0; a flow-matching teacher (rectified flow) has a_t = 1 - t / T, s_t = t / T on
+t = 0..T (t = T is pure noise) and predicts the velocity v = eps - x0. Every coefficient, conversion and
+sampler here reads those tables, so a method written with (a_t, s_t) runs on either; a method whose loss
+holds only for one kind says so in ``teachers`` and is refused the other in one line.
 """
 
 from __future__ import annotations
@@ -65,10 +72,16 @@ class DiffusionParams(Params):
     pass
 
 
+TEACHER_KINDS = {"ddpm": "DDPM (VP noise schedule)", "flow": "flow-matching (velocity)"}
+EXAMPLE_TEACHERS = {"ddpm": "embedded:mnist_teacher", "flow": "embedded:mnist_flow_teacher"}
+
+
 class DiffusionMethod(Method):
     """Base of the diffusion step-distillation methods (roles: student, frozen teacher [, critic])."""
 
     family = "generator"
+    teachers: tuple[str, ...] = ("ddpm", "flow")  # the teacher kinds the method's equations hold for
+    student_predictions: tuple[str, ...] | None = None  # the student outputs its loss is written for
     Teacher = DiffusionTeacher
     Student = DiffusionStudent
     Data = DiffusionData
@@ -82,12 +95,21 @@ class DiffusionMethod(Method):
         for module in (self.teacher.unet, self.teacher.text_encoder, self.teacher.vae):
             if module is not None:
                 module.to(dev)
-        self.abar = gen.alphas_cumprod(self.teacher.scheduler.config).float().to(dev)
-        self.T = int(self.abar.numel())
-        self.student_prediction = student_prediction(
-            self.recipe.student.prediction, self.teacher.prediction, float(self.abar[-1])
-        )
         config = self.teacher.scheduler.config
+        self.check_teacher()
+        a, s = gen.schedule_coefficients(config)
+        self.a_t, self.s_t = a.float().to(dev), s.float().to(dev)
+        self.top = int(a.numel()) - 1  # the noisiest timestep: T - 1 (VP) or T (flow, pure noise)
+        self.T = int(config["num_train_timesteps"])  # a flow UNet's timestep input is T sigma
+        self.student_prediction = student_prediction(
+            self.recipe.student.prediction, self.teacher.prediction, float(a[-1]) ** 2
+        )
+        if self.student_predictions and self.student_prediction not in self.student_predictions:
+            raise StillroomError(
+                f"{self.name}'s loss is written for a {' or '.join(self.student_predictions)} student; this "
+                f"run's student predicts {self.student_prediction}",
+                "leave student.prediction on auto",
+            )
         self.clip_x0 = (
             float(config.get("clip_sample_range", 1.0))
             if config.get("clip_sample") and self.teacher.vae is None
@@ -102,6 +124,17 @@ class DiffusionMethod(Method):
         if self.recipe.student.hybrid_teacher_steps:
             self.hybrid_handover(self.schedule()[0])  # an untrained handover fails now, not after training
         return roles
+
+    def check_teacher(self) -> None:
+        """Refuses, in one line, a teacher whose kind (DDPM or flow) the method's equations do not cover."""
+        kind = "flow" if self.teacher.prediction == "flow" else "ddpm"
+        if kind not in self.teachers:
+            wanted = " or ".join(TEACHER_KINDS[k] for k in self.teachers)
+            raise StillroomError(
+                f"{self.name} distils {wanted} teachers; teacher '{self.recipe.teacher.path}' is a "
+                f"{TEACHER_KINDS[kind]} one",
+                f"use a {wanted} teacher such as {EXAMPLE_TEACHERS[self.teachers[0]]}",
+            )
 
     def make_student(self) -> torch.nn.Module:
         init = self.recipe.student.init
@@ -195,10 +228,32 @@ class DiffusionMethod(Method):
         raise StillroomError("an unconditional prompt-free batch has no size", "give images in data.source")
 
     # -- diffusion helpers -------------------------------------------------------------------------
+    @property
+    def abar(self) -> torch.Tensor:
+        """a_t^2: alpha-bar of a VP schedule (what the DDPM-only formulas, e.g. AGD's x0 clamp, read)."""
+        return self.a_t.square()
+
+    @abar.setter
+    def abar(self, abar: torch.Tensor) -> None:
+        """Sets a VP schedule from its alpha-bar: a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t)."""
+        self.a_t, self.s_t = abar.sqrt(), (1 - abar).sqrt()
+
     def coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(abar_t), sqrt(1 - abar_t)) shaped [B, 1, 1, 1]; t = -1 is the clean end."""
-        ab = torch.where(t < 0, torch.ones_like(t, dtype=self.abar.dtype), self.abar[t.clamp(min=0)])
-        return ab.sqrt().view(-1, 1, 1, 1), (1 - ab).sqrt().view(-1, 1, 1, 1)
+        """(a_t, s_t) shaped [B, 1, 1, 1]; t = -1 is the clean end (a = 1, s = 0)."""
+        i, clean = t.clamp(min=0), t < 0
+        a = torch.where(clean, torch.ones_like(self.a_t[i]), self.a_t[i])
+        s = torch.where(clean, torch.zeros_like(self.s_t[i]), self.s_t[i])
+        return a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)
+
+    def lcm_grid(self, n: int) -> list[int]:
+        """LCM's N-point skipping-step grid, ascending: t_k = (k + 1) T/N - 1 on a VP schedule, (k + 1) T/N
+        on a flow one, so that it ends at the noisiest timestep (``top``) when N divides T."""
+        return [self.top - self.T + (k + 1) * (self.T // n) for k in range(n)]
+
+    def velocity(self, unet, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance=None):
+        """The output of a flow network at continuous times t in [0, 1] ([B]; its timestep input is T t),
+        with CFG when ``guidance`` is given: the velocity v = eps - x0 of a flow teacher or student."""
+        return dm.cfg_output(unet, x, self.T * t, cond, uncond or cond, guidance)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         a, s = self.coeffs(t)
@@ -242,7 +297,7 @@ class DiffusionMethod(Method):
         sampler = dict(sampler or self.sampler())
         sampler["hybrid"] = None
         return gen.FewStepGenerator(
-            unet if unet is not None else self.student, sampler, self.abar, self.uncond_embedding
+            unet if unet is not None else self.student, sampler, (self.a_t, self.s_t), self.uncond_embedding
         )
 
     def student_sample(self, batch: dict[str, Any], k: int | None = None):
@@ -294,7 +349,7 @@ class DiffusionMethod(Method):
             out = gen.with_hybrid(
                 out,
                 self.recipe.teacher.path,
-                self.T,
+                self.top + 1,
                 spec.hybrid_teacher_steps,
                 self.hybrid_handover(timesteps),
                 self.recipe.teacher.guidance,
@@ -348,6 +403,12 @@ class DiffusionMethod(Method):
             self.teacher.vae.save_pretrained(out_dir / "vae", safe_serialization=True)
 
 
+NOT_ON_FLOW = {
+    "epsilon": "x0 = (x - s eps) / a is undefined at its first step, t = T, where a = 0",
+    "v_prediction": "v = a eps - s x0 inverts to x0 only on a VP schedule (a^2 + s^2 = 1)",
+}
+
+
 def student_prediction(choice: str, teacher_prediction: str, abar_last: float) -> str:
     """The student's parametrisation (Salimans & Ho 2022, sec. 4, "Parameterization and weighting").
 
@@ -358,7 +419,15 @@ def student_prediction(choice: str, teacher_prediction: str, abar_last: float) -
     v = alpha_t eps - sigma_t x, i.e. x0_hat = alpha_t z_t - sigma_t v_hat, for an epsilon teacher whose
     last alpha is below 0.02 (amplification above 50); the student still starts from the teacher's
     weights, which are already close to a v-predictor wherever alpha_t is near 1.
+
+    A flow teacher's student predicts its velocity (auto) or x0: an epsilon student has no x0 at its first
+    step (a_T = 0 on a flow schedule), and v = alpha eps - sigma x0 inverts only where a^2 + s^2 = 1 (VP).
     """
+    if teacher_prediction == "flow" and choice in NOT_ON_FLOW:
+        raise StillroomError(
+            f"student.prediction={choice} does not fit a flow-matching teacher: {NOT_ON_FLOW[choice]}",
+            "leave student.prediction on auto (a velocity student) or set it to sample",
+        )
     if choice != "auto":
         return choice
     if teacher_prediction == "epsilon" and abar_last**0.5 < 0.02:

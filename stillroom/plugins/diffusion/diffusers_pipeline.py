@@ -11,7 +11,9 @@ caches custom pipeline modules by file name, so one text serves every export):
     unet/        the student's UNet2DModel
     scheduler/   a DDIMScheduler config: the noise schedule (abar_t), the student's ``prediction_type``
                  and ``timestep_spacing="trailing"``, whose grid for the distilled step count is exactly
-                 the timesteps the student was distilled for (the exporter checks this)
+                 the timesteps the student was distilled for (the exporter checks this); or, for a
+                 student of a flow-matching teacher, its FlowMatchEulerDiscreteScheduler config (shift 1):
+                 a_t = 1 - t / T, s_t = t / T, the grid round(T (1 - k / K)), prediction "flow"
     model_index.json  also this pipeline's own config: ``num_inference_steps`` (the distilled K),
                  ``conditioning`` ("class" or null), ``guidance_scale``, ``null_class``, ``boundary``
 
@@ -23,6 +25,7 @@ step. From x = noise at t_1 > ... > t_K, with a_t = sqrt(abar_t) and s_t = sqrt(
     x0, eps from out, since x = a x0 + s eps:      epsilon: x0 = (x - s out) / a, eps = out
                                                    sample:  x0 = out, eps = (x - a out) / s
                                                    v_prediction: x0 = a x - s out, eps = s x + a out
+                                                   flow (v = eps - x0): x0 = x - s out, eps = x + a out
     consistency students (``boundary``, LCM / Hyper-SD segment end e_k), first:
           f = c_skip x + c_out (a_e x0 + s_e eps)   and (x0, eps) := the DDIM line through (t, x), (e, f)
     x     = a_{t_{k+1}} x0 + s_{t_{k+1}} eps       (deterministic DDIM, eta = 0; a = 1, s = 0 after t_K)
@@ -72,8 +75,24 @@ class StillroomFewStepPipeline(DiffusionPipeline):
 
         Computed in float64 and rounded once, as stillroom's sampler buffers are.
         """
-        abar = 1.0 if t < 0 else float(self.scheduler.alphas_cumprod.double()[t])
+        if t < 0:
+            return torch.tensor(1.0), torch.tensor(0.0)
+        if self._flow:
+            sigma = t / int(self.scheduler.config.num_train_timesteps)
+            return torch.tensor(1.0 - sigma), torch.tensor(sigma)
+        abar = float(self.scheduler.alphas_cumprod.double()[t])
         return torch.tensor(math.sqrt(abar)), torch.tensor(math.sqrt(1.0 - abar))
+
+    @property
+    def _flow(self) -> bool:
+        return type(self.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+    def _timesteps(self, steps: int) -> list[int]:
+        if self._flow:
+            n = int(self.scheduler.config.num_train_timesteps)
+            return [int(round(n * (1 - k / steps))) for k in range(steps)]
+        self.scheduler.set_timesteps(steps)
+        return [int(t) for t in self.scheduler.timesteps]
 
     def _ends(self, timesteps: list[int]) -> list[int]:
         """Segment ends of a consistency student: the next timestep (Hyper-SD) or 0 (plain LCM)."""
@@ -94,6 +113,8 @@ class StillroomFewStepPipeline(DiffusionPipeline):
 
     @staticmethod
     def _x0_eps(out, x, a, s, prediction: str):
+        if prediction == "flow":
+            return x - s * out, x + a * out
         if prediction == "epsilon":
             return (x - s * out) / a, out
         if prediction == "sample":
@@ -149,10 +170,9 @@ class StillroomFewStepPipeline(DiffusionPipeline):
         rng_device = generator.device if generator is not None else torch.device("cpu")
         x = torch.randn(shape, generator=generator, device=rng_device).to(self.device, self.unet.dtype)
 
-        self.scheduler.set_timesteps(steps)
-        timesteps = [int(t) for t in self.scheduler.timesteps]
+        timesteps = self._timesteps(steps)
         ends = self._ends(timesteps) if self.config.boundary else None
-        prediction = self.scheduler.config.prediction_type
+        prediction = "flow" if self._flow else self.scheduler.config.prediction_type
         for k, t in enumerate(self.progress_bar(timesteps)):
             a, s = self._coef(t)
             x0, eps = self._x0_eps(self._predict(x, t, labels, w), x, a, s, prediction)

@@ -6,6 +6,7 @@
     D/scheduler/         DDIMScheduler config: the student's noise schedule, its real ``prediction_type``
                          (``stillroom.json``'s ``sampler.prediction``; the saved scheduler may say epsilon)
                          and trailing spacing, whose grid for K steps is the distilled timesteps
+                         (a flow student's: its FlowMatchEulerDiscreteScheduler config, prediction "flow")
     D/pipeline.py        the text of ``diffusers_pipeline.py``
     D/manifest.json      written last, after validation
 
@@ -34,7 +35,7 @@ from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
 from stillroom.plugins.diffusion import diffusers_pipeline
 from stillroom.plugins.diffusion import spec as sampler_spec
-from stillroom.plugins.diffusion.sampler import ddim_timesteps, load_generator
+from stillroom.plugins.diffusion.sampler import ddim_timesteps, is_flow, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,12 @@ def export_diffusers(src: str | Path, out: str | Path, *, steps: int | None = No
     out = Path(out)
     with atomic_dir(out) as tmp:
         shutil.copytree(student / "unet", tmp / "unet")
-        scheduler = diffusers.DDIMScheduler.from_config(
-            scheduler_config, prediction_type=sampler["prediction"], timestep_spacing="trailing"
-        )
+        if is_flow(scheduler_config):  # the pipeline reads a flow student's grid and v from its class
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        else:
+            scheduler = diffusers.DDIMScheduler.from_config(
+                scheduler_config, prediction_type=sampler["prediction"], timestep_spacing="trailing"
+            )
         scheduler.save_pretrained(tmp / "scheduler")
         shutil.copyfile(diffusers_pipeline.__file__, tmp / "pipeline.py")
         model_index = {

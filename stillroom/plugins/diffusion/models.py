@@ -6,6 +6,9 @@ resolved like ``stillroom.data.locate``. Class-conditional teachers are ``UNet2D
 ``num_class_embeds = C + 1``: labels 0..C-1 are the classes and label C is the *null* class used for
 classifier-free guidance (the teacher was trained with label dropout to C). Text-conditional teachers
 are ``UNet2DConditionModel`` with a CLIP text encoder; the empty prompt is the unconditional input.
+A teacher whose ``scheduler/`` is a ``FlowMatchEulerDiscreteScheduler`` is a flow-matching (velocity)
+teacher: x_t = (1 - sigma) x0 + sigma eps, the UNet takes 1000 sigma and predicts v = eps - x0
+(``prediction == "flow"``); it is sampled with Euler steps instead of DDIM.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from stillroom.core.errors import StillroomError
 from stillroom.data import locate
 
 log = logging.getLogger(__name__)
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow(scheduler_config: dict[str, Any]) -> bool:
+    """Whether the scheduler config is a flow-matching one (x_t = (1 - sigma) x0 + sigma eps)."""
+    return scheduler_config.get("_class_name") in FLOW_SCHEDULERS
 
 
 @dataclass
@@ -51,6 +61,8 @@ class DiffusionTeacher:
 
     @property
     def prediction(self) -> str:
+        if is_flow(self.scheduler.config):
+            return "flow"
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
     @property
@@ -70,11 +82,26 @@ def load_unet(path: str | Path, subfolder: str | None = None):
     kwargs = {"subfolder": subfolder} if subfolder else {}
     config = diffusers.UNet2DModel.load_config(path, **kwargs)
     name = config.get("_class_name", "UNet2DModel")
+    if name == "PhasedExperts":  # a Phased DMD student: one UNet per phase (plugins/diffusion/experts.py)
+        from stillroom.plugins.diffusion.experts import PhasedExperts
+
+        return PhasedExperts.from_pretrained(path, **kwargs)
     if name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise StillroomError(
             f"unet '{path}' is a {name}", "use a UNet2DModel or UNet2DConditionModel teacher"
         )
     return getattr(diffusers, name).from_pretrained(path, **kwargs)
+
+
+def load_scheduler(where: str | Path):
+    """The teacher's scheduler: a FlowMatchEulerDiscreteScheduler as itself, anything else as a
+    DDPMScheduler (whose config every DDIM-type scheduler reads)."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(where, subfolder="scheduler")
+    if config.get("_class_name") in FLOW_SCHEDULERS:
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    return diffusers.DDPMScheduler.from_config(config)
 
 
 def load_text_encoder(root: str | Path):
@@ -94,7 +121,7 @@ def load_teacher(spec: str, role: str = "teacher") -> DiffusionTeacher:
     local = Path(where)
     try:
         unet = load_unet(where, "unet")
-        scheduler = diffusers.DDPMScheduler.from_pretrained(where, subfolder="scheduler")
+        scheduler = load_scheduler(where)
         encoder = tokenizer = vae = None
         if type(unet).__name__ == "UNet2DConditionModel" and (
             not local.is_dir() or (local / "text_encoder").is_dir()
@@ -166,12 +193,22 @@ def teacher_sample(
     guidance: float | None = None,
     decode: bool = True,
 ) -> torch.Tensor:
-    """Reference samples of the teacher with diffusers' DDIMScheduler (eta = 0, trailing spacing) and CFG.
+    """Reference samples of the teacher with diffusers' DDIMScheduler (eta = 0, trailing spacing) and CFG;
+    a flow teacher with its own FlowMatchEulerDiscreteScheduler (Euler, x <- x + (sigma' - sigma) v).
 
     ``cond``/``uncond`` are UNet keyword dicts (``class_labels`` or ``encoder_hidden_states``).
     Returns images in [-1, 1] (latents are decoded with the VAE when ``decode``).
     """
     from diffusers import DDIMScheduler
+
+    if teacher.prediction == "flow":
+        sched = type(teacher.scheduler).from_config(teacher.scheduler.config)
+        sched.set_timesteps(steps, device=noise.device)
+        x = noise
+        for t in sched.timesteps:
+            out = cfg_output(teacher.unet, x, t.expand(x.shape[0]), cond, uncond, guidance)
+            x = sched.step(out, t, x).prev_sample
+        return _decoded(teacher, x, decode)
 
     # x0 clipping follows the teacher's own config (pixel DDPMs set clip_sample): near zero SNR an
     # epsilon teacher's x0 = (x - sigma eps) / alpha is unusable without it, and eps is re-derived from
@@ -186,6 +223,10 @@ def teacher_sample(
         tt = t.expand(x.shape[0]).to(noise.device)
         out = cfg_output(teacher.unet, x, tt, cond, uncond, guidance)
         x = sched.step(out, t, x, eta=0.0, use_clipped_model_output=clip).prev_sample
+    return _decoded(teacher, x, decode)
+
+
+def _decoded(teacher: DiffusionTeacher, x: torch.Tensor, decode: bool) -> torch.Tensor:
     if decode and teacher.vae is not None:
         x = teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample
     return x.clamp(-1.0, 1.0)

@@ -8,7 +8,8 @@ holds graphs, and its student directory is not read behind its back):
 
 - a generator student directory (``stillroom.json`` + ``unet/``): its few-step sampler;
 - a diffusers teacher directory / ``embedded:NAME`` with ``unet/`` + ``scheduler/``: the teacher with
-  DDIM (``steps``, default 50, and optional classifier-free ``guidance``).
+  DDIM, or Euler for a flow-matching teacher (``steps``, default 50, and optional classifier-free
+  ``guidance``).
 """
 
 from __future__ import annotations

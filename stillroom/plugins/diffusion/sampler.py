@@ -13,18 +13,27 @@ A *generator student directory* (what the diffusion methods' ``save_student`` wr
      "guidance": w | null,        # CFG scale applied at sampling time (null: guidance is baked in);
                                   # with guidance_embed it is the default w fed to the w-embedding
      "guidance_embed": bool,      # LCM's guidance-scale embedding (UNet2DConditionModel time_cond_proj_dim)
-     "prediction": "epsilon" | "sample" | "v_prediction",   # what the UNet outputs
+     "prediction": "epsilon" | "sample" | "v_prediction" | "flow",   # what the UNet outputs
      "boundary": null | {"sigma_data": 0.5, "timestep_scaling": 10.0, "ends": [e_1, ..., e_K]},
      "conditioning": "class" | "text" | null, "num_classes": int | null, "null_class": int | null,
      "image_size": int, "channels": int, "latent": bool,
      "hybrid": null | {"teacher": spec, "timesteps": [s_1 > ... > s_J], "handover": t_1, "guidance": w,
                 "prediction": teacher's, "clip_sample": r | null}}   # r: teacher x0 clamped, eps re-derived
 
+Both kinds of teacher noise the same way, x_t = a_t x0 + s_t eps, with (a_t, s_t) from the scheduler
+(``schedule_coefficients``): a DDPM ("VP") schedule has a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t) for
+integer t in [0, T); a flow-matching schedule (diffusers' ``FlowMatchEulerDiscreteScheduler``,
+rectified flow) has a_t = 1 - t / T, s_t = t / T for integer t in [0, T], the UNet's timestep input
+being t = 1000 sigma, and a flow network predicts the velocity v = eps - x0.
+
 Sampling (``FewStepGenerator.forward``) is deterministic: x_T = noise; for each step k the UNet output
 is turned into (x0_hat, eps_hat) and the state moves to the next timestep with the DDIM update
 (Song et al. 2021, "Denoising Diffusion Implicit Models", eta = 0)
 
-    x_{t_{k+1}} = sqrt(abar_{t_{k+1}}) x0_hat + sqrt(1 - abar_{t_{k+1}}) eps_hat  (abar = 1 after the last)
+    x_{t_{k+1}} = a_{t_{k+1}} x0_hat + s_{t_{k+1}} eps_hat       (a = 1, s = 0 after the last step)
+
+which on a flow schedule is exactly the Euler step x_{t_{k+1}} = x_{t_k} + (sigma_{k+1} - sigma_k) v_hat
+(``FlowMatchEulerDiscreteScheduler.step``).
 
 so the graph has no random ops (LCM re-noises with fresh noise between steps; we re-use the predicted
 noise instead, which keeps the export a pure function of the input noise). Consistency students
@@ -48,8 +57,9 @@ import torch
 from torch import nn
 
 from stillroom.core.errors import StillroomError
+from stillroom.plugins.diffusion.models import is_flow
 
-PREDICTIONS = ("epsilon", "sample", "v_prediction")
+PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 
 
 # -- schedule helpers (shared with the method plugins) -----------------------------------------------
@@ -61,23 +71,56 @@ def alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
     return sched.alphas_cumprod.double()
 
 
+def schedule_coefficients(scheduler_config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_t, s_t) in float64 for every integer timestep t, where x_t = a_t x0 + s_t eps.
+
+    VP (DDPM) schedules: t = 0..T-1, a = sqrt(abar_t), s = sqrt(1 - abar_t). Flow matching: t = 0..T,
+    sigma_t = t / T, a = 1 - sigma_t, s = sigma_t (t = T is pure noise; only ``shift = 1`` is a fixed
+    grid, so a shifted flow schedule is refused).
+    """
+    if is_flow(scheduler_config):
+        if float(scheduler_config.get("shift", 1.0)) != 1.0 or scheduler_config.get("use_dynamic_shifting"):
+            raise StillroomError(
+                "flow-matching schedulers with a timestep shift are not supported",
+                "use a FlowMatchEulerDiscreteScheduler with shift=1 and no dynamic shifting",
+            )
+        n = int(scheduler_config.get("num_train_timesteps", 1000))
+        sigma = torch.arange(n + 1, dtype=torch.float64) / n
+        return 1.0 - sigma, sigma
+    ab = alphas_cumprod(scheduler_config)
+    return ab.sqrt(), (1.0 - ab).sqrt()
+
+
+def schedule_length(scheduler_config: dict[str, Any]) -> int:
+    """How many integer timesteps ``schedule_coefficients`` has: T (VP, 0..T-1) or T + 1 (flow, 0..T)."""
+    n = int(scheduler_config.get("num_train_timesteps", 1000))
+    return n + 1 if is_flow(scheduler_config) else n
+
+
 def ddim_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[int]:
     """The DDIM timesteps for ``steps`` steps with *trailing* spacing (diffusers' DDIMScheduler).
 
     Trailing spacing ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Lin et al. 2024)
-    starts at t = T - 1, so a one-step sampler starts from pure noise.
+    starts at t = T - 1, so a one-step sampler starts from pure noise. On a flow schedule the grid is
+    round(T (1 - k / K)) for k < K: it starts at t = T (sigma = 1, pure noise).
     """
     from diffusers import DDIMScheduler
 
     if steps < 1:
         raise StillroomError(f"sampler steps must be >= 1, got {steps}", "use 1 to 4 for a student")
+    if is_flow(scheduler_config):
+        n = int(scheduler_config.get("num_train_timesteps", 1000))
+        return [int(round(n * (1 - k / steps))) for k in range(steps)]
     sched = DDIMScheduler.from_config(dict(scheduler_config), timestep_spacing="trailing")
     sched.set_timesteps(steps)
     return [int(t) for t in sched.timesteps]
 
 
 def to_x0_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, prediction: str):
-    """(x0, eps) from a UNet output, where x = a x0 + s eps (a = sqrt(abar_t), s = sqrt(1 - abar_t))."""
+    """(x0, eps) from a UNet output, where x = a x0 + s eps (VP: a = sqrt(abar_t), s = sqrt(1 - abar_t);
+    flow: a = 1 - sigma, s = sigma)."""
+    if prediction == "flow":  # v = eps - x0 on a flow schedule (a + s = 1): x0 = x - s v, eps = x + a v
+        return x - s * out, x + a * out
     if prediction == "epsilon":
         return (x - s * out) / a, out
     if prediction == "sample":
@@ -133,7 +176,7 @@ class FewStepGenerator(nn.Module):
         self,
         unet: nn.Module,
         sampler: dict[str, Any],
-        abar: torch.Tensor,
+        abar: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         uncond_embedding: torch.Tensor | None = None,
         vae: nn.Module | None = None,
         teacher_unet: nn.Module | None = None,
@@ -152,11 +195,11 @@ class FewStepGenerator(nn.Module):
                 f"sampler timesteps {ts} do not match steps={sampler['steps']} or do not decrease",
                 "fix stillroom.json or retrain the student",
             )
-        abar = abar.double()
+        # abar_t of a VP schedule, or the (a_t, s_t) tables of ``schedule_coefficients`` (any schedule)
+        a_of, s_of = abar if isinstance(abar, tuple) else (abar.double().sqrt(), (1.0 - abar.double()).sqrt())
 
-        def coef(t: int) -> tuple[float, float]:  # t = -1 means the clean end (abar = 1)
-            v = 1.0 if t < 0 else float(abar[t])
-            return math.sqrt(v), math.sqrt(1.0 - v)
+        def coef(t: int) -> tuple[float, float]:  # t = -1 means the clean end (a = 1, s = 0)
+            return (1.0, 0.0) if t < 0 else (float(a_of[t]), float(s_of[t]))
 
         nxt = ts[1:] + [-1]
         self.register_buffer("timesteps", torch.tensor(ts, dtype=torch.long), persistent=False)
@@ -282,31 +325,34 @@ class FewStepGenerator(nn.Module):
             embed = embed.to(x.dtype)
         for k in range(self.steps):
             x0, eps = self.denoise(k, x, class_labels, encoder_hidden_states, w, embed)
-            x = ddim_step(x0, eps, self.s_a_next[k], self.s_s_next[k])
+            # the last step lands on the clean end (a = 1, s = 0): x0 itself, also where eps is not finite
+            # (an x0 student at t = 0 of a flow schedule, s = 0, as BOOT's samples)
+            x = ddim_step(x0, eps, self.s_a_next[k], self.s_s_next[k]) if k + 1 < self.steps else x0
         if self.vae is not None:
             x = self.vae.decode(x / self.scaling_factor).sample
         return x.clamp(-1.0, 1.0)
 
 
 def _call_unet(unet, x, t, class_labels, encoder_hidden_states, embed):
+    kwargs = {"timestep_cond": embed} if embed is not None else {}  # guidance-adapted class UNets take it too
     if encoder_hidden_states is not None:
-        kwargs = {"timestep_cond": embed} if embed is not None else {}
         return unet(x, t, encoder_hidden_states=encoder_hidden_states, **kwargs).sample
-    return unet(x, t, class_labels=class_labels).sample
+    return unet(x, t, class_labels=class_labels, **kwargs).sample
 
 
 # -- loading ------------------------------------------------------------------------------------
 def with_hybrid(
     sampler: dict[str, Any],
     teacher: str,
-    num_train_timesteps: int,
+    timesteps: int,
     teacher_steps: int,
     handover: int,
     guidance: float | None,
     prediction: str,
     clip_sample: float | None = None,
 ) -> dict[str, Any]:
-    """``sampler`` with the hybrid option: ``teacher_steps`` teacher DDIM steps from T - 1 down to
+    """``sampler`` with the hybrid option: ``teacher_steps`` teacher DDIM steps from the noisiest of the
+    schedule's ``timesteps`` integer timesteps (``schedule_length``: T - 1 on VP, T on flow) down to
     ``handover``, then the student from ``handover`` on (its steps above the handover are dropped).
 
     Gandikota & Bau 2025: the first, structure-setting step(s) of the base model restore diversity; the
@@ -315,7 +361,7 @@ def with_hybrid(
     re-derives its eps from it, as diffusers' DDIM step does with ``use_clipped_model_output=True``.
     """
     ts = [int(t) for t in sampler["timesteps"]]
-    top = num_train_timesteps - 1
+    top = timesteps - 1
     if not 0 < handover < top or teacher_steps < 1:
         raise StillroomError(
             f"hybrid handover {handover} must lie in (0, {top}) with >= 1 teacher step",
@@ -357,7 +403,7 @@ def retarget(sampler: dict[str, Any], scheduler_config: dict[str, Any], steps: i
         out = with_hybrid(
             out,
             hybrid["teacher"],
-            int(scheduler_config["num_train_timesteps"]),
+            schedule_length(scheduler_config),
             len(hybrid["timesteps"]),
             int(hybrid["handover"]),
             hybrid.get("guidance"),
@@ -391,6 +437,12 @@ def load_generator(student_dir: str | Path, steps: int | None = None) -> FewStep
     if steps is not None and steps != sampler["steps"]:
         sampler = retarget(sampler, sched_cfg, steps)
     unet = diffusion_models.load_unet(root / "unet")
+    coefficients = schedule_coefficients(sched_cfg)
+    if (root / "guidance_adapter").is_dir():  # AGD: the frozen teacher UNet + guidance adapters
+        from stillroom.plugins.diffusion.guidance_adapter import load_adapted
+
+        # alpha-bar = a^2, read only by a VP epsilon teacher's x0 clamp
+        unet = load_adapted(unet, root / "guidance_adapter", coefficients[0] ** 2)
     uncond, vae = None, None
     if (root / "text_encoder").is_dir():
         encoder, tokenizer = diffusion_models.load_text_encoder(root)
@@ -400,5 +452,5 @@ def load_generator(student_dir: str | Path, steps: int | None = None) -> FewStep
     teacher_unet = None
     if sampler.get("hybrid"):
         teacher_unet = diffusion_models.load_teacher(sampler["hybrid"]["teacher"]).unet
-    gen = FewStepGenerator(unet, sampler, alphas_cumprod(sched_cfg), uncond, vae, teacher_unet)
+    gen = FewStepGenerator(unet, sampler, coefficients, uncond, vae, teacher_unet)
     return gen.eval().requires_grad_(False)

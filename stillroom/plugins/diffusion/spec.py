@@ -47,7 +47,7 @@ class SamplerSpec(BaseModel):
 
     steps: int  # network evaluations of the student
     timesteps: list[int]  # t_1 > ... > t_K
-    prediction: Literal["epsilon", "sample", "v_prediction"]
+    prediction: Literal["epsilon", "sample", "v_prediction", "flow"]
     guidance: float | None = None  # CFG scale at sampling time (null: baked in)
     guidance_embed: bool = False
     boundary: Boundary | None = None

@@ -122,7 +122,7 @@ class Consistency(DiffusionMethod):
             raise StillroomError(
                 f"method.segments {p.segments} must lie in 1..ddim_steps", "e.g. [8, 4, 2, 1]"
             )
-        self.grid = [(n + 1) * (self.T // p.ddim_steps) - 1 for n in range(p.ddim_steps)]  # LCM's DDIM grid
+        self.grid = self.lcm_grid(p.ddim_steps)
         self.stage = 0
         self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
         return {"target": Role(self.target, trainable=False, checkpoint=True)}

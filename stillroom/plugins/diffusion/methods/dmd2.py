@@ -97,8 +97,9 @@ class DMD2(DiffusionMethod):
         return torch.randint(lo, max(hi, lo + 1), (b,), device=dev)
 
     def critic_t(self, b, dev):
-        """The critic's t ~ U{0, ..., T-1}: it must model the student's distribution at every noise level."""
-        return torch.randint(0, self.T, (b,), device=dev)
+        """The critic's t ~ U{0, ..., top} (T - 1 on VP, T on flow): it must model the student's
+        distribution at every noise level."""
+        return torch.randint(0, self.top + 1, (b,), device=dev)
 
     def loss(self, role, batch, step) -> StepOutput:
         return self.critic_loss(batch) if role == "critic" else self.generator_loss(batch)
