@@ -1,6 +1,7 @@
 """`stillroom demo`: the whole mission on the embedded defaults, in one command.
 
-1. distills the embedded MNIST teacher into a 1-step and a 4-step generator;
+1. distills the embedded MNIST teacher into a 1-step and a 4-step generator (progressive distillation;
+   the 1-step student then gets a short DMD2 finish, which brings it to the teacher's FID-like);
 2. distills the embedded Shakespeare LM teacher into a 2-layer student;
 3. exports every student to a validated ONNX artifact (plus an int8 variant of the LM);
 4. benchmarks each against its teacher with the `stillroom bench` machinery (each in a fresh process);
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # Chosen by benchmarks/diffusion_steps.py and benchmarks/lm_kd.py (numbers in the README).
 GENERATOR_RECIPE = "mnist-progressive"
+FINISH_RECIPE = "mnist-dmd2"  # fine-tunes a progressive student (its student.init)
 LM_RECIPE = "lm-kd"
 
 
@@ -42,6 +44,8 @@ class Plan:
 
     generator_steps: tuple[int, ...] = (1, 4)
     generator_overrides: dict[int, list[str]] = field(default_factory=dict)  # per student step count
+    # student step count -> overrides of a FINISH_RECIPE stage started from that progressive student
+    finish_overrides: dict[int, list[str]] = field(default_factory=dict)
     lm_overrides: list[str] = field(default_factory=list)
     lm_batches: list[int] = field(default_factory=lambda: [1, 8])
     generator_batches: list[int] = field(default_factory=lambda: [1, 16])
@@ -52,6 +56,7 @@ class Plan:
 
 FULL = Plan(
     generator_overrides={1: ["student.steps=1"], 4: ["student.steps=4"]},
+    finish_overrides={1: ["train.steps=150"]},
     lm_overrides=["train.steps=200", "train.batch_size=8", "train.eval_every=0"],
     quality_samples=100,
 )
@@ -61,6 +66,7 @@ FAST = Plan(
         1: ["student.steps=1", "train.steps=3", "train.batch_size=4"],
         2: ["student.steps=2", "train.steps=2", "train.batch_size=4"],
     },
+    finish_overrides={1: ["train.steps=2", "train.batch_size=4"]},
     lm_overrides=[
         "train.steps=3",
         "train.batch_size=2",
@@ -127,7 +133,11 @@ class Demo:
         for k in self.plan.generator_steps:
             name = f"mnist-{k}step"
             overrides = self.plan.generator_overrides[k]
-            generators[name] = self._timed(f"distill {name}", self.distill, name, GENERATOR_RECIPE, overrides)
+            student = self._timed(f"distill {name}", self.distill, name, GENERATOR_RECIPE, overrides)
+            if k in self.plan.finish_overrides:
+                finish = [f"student.init={student}", *self.plan.finish_overrides[k]]
+                student = self._timed(f"finish {name}", self.distill, f"{name}-dmd2", FINISH_RECIPE, finish)
+            generators[name] = student
         lm_student = self._timed(
             "distill lm", self.distill, "shakespeare-lm", LM_RECIPE, self.plan.lm_overrides
         )

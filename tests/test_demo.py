@@ -35,7 +35,7 @@ def demo_out(tmp_path_factory):
 
 def test_every_stage_leaves_its_result(demo_out):
     out, _ = demo_out
-    for run in ("mnist-1step", "mnist-2step", "shakespeare-lm"):
+    for run in ("mnist-1step", "mnist-1step-dmd2", "mnist-2step", "shakespeare-lm"):
         assert (out / "runs" / run / "run.json").is_file()
         assert (out / "runs" / run / "student" / "stillroom.json").is_file()
     kinds = {}
@@ -45,7 +45,9 @@ def test_every_stage_leaves_its_result(demo_out):
         kinds[name] = (art.kind, art.manifest.precision)
     assert kinds["mnist-2step"] == ("generator", "fp32")
     assert kinds["shakespeare-lm-int8"] == ("causal-lm", "int8")
-    assert artifact.load(out / "artifacts" / "mnist-1step").manifest.spec["steps"] == 1
+    one_step = artifact.load(out / "artifacts" / "mnist-1step").manifest
+    assert one_step.spec["steps"] == 1
+    assert one_step.provenance.method == "dmd2"  # the DMD2 finish of the progressive student is shipped
     assert artifact.load(out / "artifacts" / "mnist-2step").manifest.spec["steps"] == 2
 
 
