@@ -136,7 +136,7 @@ def run_recipe(recipe: str, overrides: tuple[str, ...], out: Path | None, resume
 
     run_dir = _run_dir(recipe, out)
     result = pipeline.run(pipeline.load_recipe(recipe, overrides), run_dir, resume=resume)
-    logging.getLogger("stillroom").info("student %s; artifact %s", result.student, result.artifact.root)
+    logging.getLogger("stillroom").info("student %s; artifact %s", result.student, result.artifact_dir)
     log_report(result.report, run_dir / "bench")
 
 

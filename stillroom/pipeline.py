@@ -165,26 +165,36 @@ def _check_same_recipe(recipe: recipes.Recipe, run: Path) -> None:
 # -- the whole chain ------------------------------------------------------------------------------------
 @dataclass
 class RunResult:
-    """What ``stillroom run`` produced: the student directory, the artifact and the bench report."""
+    """What ``stillroom run`` produced: the student directory, the artifact (None when the family's
+    output is its own artifact, e.g. a distilled dataset: ``student`` is then the artifact) and the
+    bench report."""
 
     student: Path
-    artifact: Artifact
+    artifact: Artifact | None
     report: dict[str, Any]
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.student if self.artifact is None else self.artifact.root
 
 
 def run(recipe: recipes.Recipe, out: str | Path, resume: bool = False) -> RunResult:
-    """Trains, exports (``recipe.export``) and benchmarks (``recipe.bench``) into ``out``."""
+    """Trains, exports (``recipe.export``; skipped for a family whose output is the artifact) and
+    benchmarks (``recipe.bench``) into ``out``."""
     out = Path(out)
     label = out.name
     student = distill_stage(recipe, out, label, resume)
-    spec = recipe.export
-    art = export_stage(out, out / "artifact", label, spec.to, **spec.exporter_options())
+    art = None
+    if get_host().output_family(student) is None:
+        spec = recipe.export
+        art = export_stage(out, out / "artifact", label, spec.to, **spec.exporter_options())
     b = recipe.bench
-    report = bench_stage(
+    result = RunResult(student, art, {})
+    result.report = bench_stage(
         out / "bench",
         label,
         lambda: bench(
-            art.root,
+            result.artifact_dir,
             out / "bench",
             runtimes=b.runtimes,
             batches=b.batch,
@@ -196,4 +206,4 @@ def run(recipe: recipes.Recipe, out: str | Path, resume: bool = False) -> RunRes
             metrics=b.metrics,
         ),
     )
-    return RunResult(student, art, report)
+    return result

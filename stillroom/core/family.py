@@ -14,6 +14,10 @@ through the host (``register_families``) and call these methods:
     result["quality"] = get_host().metric(family.metric)(model, job, settings, out)["quality"]
     row["quality"].update(family.compare(teacher_result, student_result))
     columns = family.quality_keys                         # the report's quality columns
+
+A family whose output is not a model (``exports = False``: e.g. a dataset) has no export or runtime;
+``stillroom run`` skips export, and ``bench`` / ``inspect`` hand its folder to ``bench_output`` /
+``describe``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Family:
     metric: ClassVar[str] = ""  # its primary quality metric in bench reports
     higher_is_better: ClassVar[bool] = False  # the metric's direction (FID, perplexity: lower; accuracy)
     quality_keys: ClassVar[tuple[str, ...]] = ()  # bench report columns, ``metric`` first
+    exports: ClassVar[bool] = True  # False: a run's output folder is itself the artifact (no model)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,6 +102,17 @@ class Family:
         [-1, 1]).
         """
         raise NotImplementedError(f"family {self.name!r} must implement bench()")
+
+    # -- families whose output is not a model (``exports = False``) ---------------------------------
+    def describe(self, path: Path) -> dict[str, Any]:
+        """What ``stillroom inspect`` shows of an output folder this family ``claims`` (JSON-able)."""
+        raise NotImplementedError(f"family {self.name!r} must implement describe()")
+
+    def bench_output(self, path: Path, out: Path, settings: Any) -> dict[str, Any]:
+        """``stillroom bench`` of an output folder this family ``claims``: measures it, writes
+        report.json and report.html (last) into ``out`` and returns the report, whose ``kind`` is
+        this family's."""
+        raise NotImplementedError(f"family {self.name!r} must implement bench_output()")
 
     def compare(self, teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, Any]:
         """Quality figures of a student relative to its teacher, from the two targets' ``bench`` results.

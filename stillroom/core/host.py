@@ -173,6 +173,14 @@ class Host:
             f"known kinds: {known}; install the family's plugin or re-export",
         )
 
+    def output_family(self, path: str | Path) -> Any | None:
+        """The family that claims ``path`` when its output is not a model (``Family.exports`` is False:
+        the run folder is the artifact, e.g. a distilled dataset); None for anything else."""
+        from stillroom.data import resolve
+
+        where = Path(resolve(str(path))).expanduser()
+        return next((f for f in self.families() if not f.exports and f.claims(where)), None)
+
     def family_for_target(self, target: str) -> Any:
         """The family of a runtime target: an artifact (by its kind) or a model directory / spec.
 

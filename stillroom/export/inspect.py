@@ -205,7 +205,17 @@ def render(art: Any, summary: dict[str, Any], verified: bool) -> list[Any]:
 def inspect_artifact(artifact_dir: Path, as_json: bool, no_verify: bool) -> None:
     """Summarize an exported ARTIFACT: graphs, inputs and outputs, validation, provenance, sizes."""
     from stillroom.core import artifact
+    from stillroom.core.host import get_host
 
+    family = get_host().output_family(artifact_dir)
+    if family is not None:  # an output that is not a model (a dataset) describes itself
+        facts = family.describe(artifact_dir)
+        if as_json:
+            click.echo(json.dumps(facts, indent=2))
+        else:
+            rows = [(k, _value(v)) for k, v in facts.items()]
+            stdout_console().print(_pairs(f"{family.name} {facts.get('kind', '')}", rows))
+        return
     art = artifact.load(artifact_dir, verify=not no_verify)
     summary = summarize(art)
     if as_json:

@@ -120,7 +120,12 @@ def prepare(
 
 def open_study(search: Search, seed: int):
     """The search's Optuna study (TPE, seeded), created or re-opened from OUT/study.journal."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise StillroomError(
+            "stillroom search-recipe needs Optuna, which is not installed", "pip install 'stillroom[search]'"
+        ) from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 

@@ -197,7 +197,11 @@ def log_report(report: dict[str, Any], out: Path) -> None:
 
     from stillroom.serve.report import format_value
 
-    metric = get_host().family_of_kind(report["kind"]).metric
+    family = get_host().family_of_kind(report["kind"])
+    if not family.exports:  # its bench_output logged its own table
+        log.info("report in %s", out / "report.html")
+        return
+    metric = family.metric
     teacher = {r["batch"]: r for r in (report.get("teacher") or {}).get("by_batch") or [] if "error" not in r}
     table = Table("student", "runtime", "batch", "p50 ms", "speedup", metric, f"teacher {metric}")
     for row in report["students"]:

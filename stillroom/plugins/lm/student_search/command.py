@@ -77,7 +77,13 @@ def _ints(text: str | None) -> list[int] | None:
     show_default=True,
     help="autodistil: task-agnostic distillation steps of the super-student.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="seed of the random-init candidates and the probe batch",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

@@ -1,0 +1,1 @@
+"""Dataset distillation methods, one per file."""
