@@ -54,3 +54,19 @@ def locate(spec: str, role: str) -> str:
             f"{role} path '{spec}' does not exist", "give a local model directory or a hub id"
         )
     return str(path) if path.exists() else resolved
+
+
+def image_npz(spec: str, role: str) -> Path:
+    """The .npz image file behind ``spec`` (``embedded:NAME`` is the asset folder's ``NAME.npz``), with
+    ``train_images`` / ``train_labels`` / ``eval_images`` / ``eval_labels``; ``role`` names it in errors."""
+    from stillroom.core.errors import StillroomError
+
+    path = Path(resolve(spec)).expanduser()
+    if path.is_dir():
+        path = path / f"{path.name}.npz"
+    if path.suffix != ".npz" or not path.is_file():
+        raise StillroomError(
+            f"{role} '{spec}' is not an .npz file",
+            "use embedded:mnist or an .npz with train_images, train_labels, eval_images, eval_labels",
+        )
+    return path

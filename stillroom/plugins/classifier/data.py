@@ -13,35 +13,20 @@ balanced; the shipped MNIST classifier never saw its eval split). Any other sour
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from stillroom.core.errors import StillroomError
-from stillroom.data import resolve
+from stillroom.data import image_npz
 
 DEFAULT = "embedded:mnist"
 SPLITS = ("train", "eval")
-
-
-def npz_path(source: str) -> Path:
-    """The .npz file behind ``source`` (``embedded:NAME`` is the asset folder's ``NAME.npz``)."""
-    path = Path(resolve(source)).expanduser()
-    if path.is_dir():
-        path = path / f"{path.name}.npz"
-    if path.suffix != ".npz" or not path.is_file():
-        raise StillroomError(
-            f"classifier data source '{source}' is not an .npz file",
-            "use embedded:mnist or an .npz with train_images, train_labels, eval_images, eval_labels",
-        )
-    return path
 
 
 def load_split(source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(pixels uint8 [N, C, H, W], labels int64 [N]) of one split of ``source``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = npz_path(source)
+    path = image_npz(source, "classifier data source")
     with np.load(path) as arrays:
         missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in arrays]
         if missing:

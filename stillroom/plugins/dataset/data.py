@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from stillroom.core.errors import StillroomError
-from stillroom.data import resolve
+from stillroom.data import image_npz
 
 DEFAULT = "embedded:mnist"
 
@@ -35,21 +34,9 @@ class Real:
         return int(self.train_labels.max()) + 1
 
 
-def npz_path(source: str) -> Path:
-    path = Path(resolve(source)).expanduser()
-    if path.is_dir():
-        path = path / f"{path.name}.npz"
-    if path.suffix != ".npz" or not path.is_file():
-        raise StillroomError(
-            f"dataset source '{source}' is not an .npz file",
-            "use embedded:mnist or an .npz with train_images, train_labels, eval_images, eval_labels",
-        )
-    return path
-
-
 @lru_cache(maxsize=4)
 def load(source: str = DEFAULT) -> Real:
-    path = npz_path(source)
+    path = image_npz(source, "dataset source")
     blob = path.read_bytes()
     splits = {}
     with np.load(path) as arrays:
