@@ -45,6 +45,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "seqkd": ("lm-seqkd", ["method.max_prompts=128"]),
     "hidden": ("lm-hidden", []),
     "hidden mi_alpha": ("lm-hidden", ["method.hidden_loss=mi_alpha"]),
+    "lm_had": ("lm-had", []),
 }
 SHORT = {
     "ce": "ce (baseline)",
@@ -61,6 +62,7 @@ SHORT = {
     "seqkd": "seqkd",
     "hidden": "hidden",
     "mi_alpha": "hidden mi_alpha",
+    "lm_had": "lm_had",
 }
 
 

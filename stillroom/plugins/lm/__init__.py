@@ -25,6 +25,7 @@ def register_metrics(register):
 @hookimpl
 def register_methods(register):
     from stillroom.plugins.lm.methods.gkd import GKD
+    from stillroom.plugins.lm.methods.had import HAD
     from stillroom.plugins.lm.methods.hidden import Hidden
     from stillroom.plugins.lm.methods.kd import KD
     from stillroom.plugins.lm.methods.self_distill import SelfDistill
@@ -32,7 +33,7 @@ def register_methods(register):
     from stillroom.plugins.lm.methods.sinkhorn import Sinkhorn
     from stillroom.plugins.lm.methods.taid import TAID
 
-    for method in (KD, TAID, Sinkhorn, GKD, SeqKD, Hidden, SelfDistill):
+    for method in (KD, TAID, Sinkhorn, GKD, SeqKD, Hidden, SelfDistill, HAD):
         register(method)
 
 
