@@ -175,7 +175,9 @@ def tiny_recipe(method: str, family: str, assets: dict[str, Path], run: Path) ->
     data["teacher"] = {**(data.get("teacher") or {}), "path": str(assets[teacher_asset(method, family)])}
     if family == "lm":
         data["teacher"].pop("cache", None)
-        data["student"] = {"config": {"num_hidden_layers": 1}, "init": "teacher-layers"}
+        # the shipped recipe's init (lm_had's GPT-2 student starts random; block copy needs a Llama)
+        init = (data.get("student") or {}).get("init", "teacher-layers")
+        data["student"] = {"config": {"num_hidden_layers": 1}, "init": init}
         data["data"] = {
             **(data.get("data") or {}),
             "source": str(assets["corpus"]),

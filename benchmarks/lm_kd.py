@@ -151,8 +151,8 @@ def main() -> None:
         )
     best = min(results[1:], key=lambda r: r["perplexity"], default=None)
     if best is not None:
-        gain = 100 * (1 - best["perplexity"] / base)
-        print(f"\nbest: {best['method']}, {gain:.1f}% lower perplexity than CE only")
+        change = 100 * (best["perplexity"] / base - 1)
+        print(f"\nbest: {best['method']}, perplexity {change:+.1f}% against CE only")
     (out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
     )
