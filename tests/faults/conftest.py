@@ -141,9 +141,12 @@ def multi_row_batches(metrics_text: str) -> float:
 
 
 def status_counts(metrics_text: str) -> dict[int, float]:
-    """Requests by HTTP status from ``stillroom_requests_total``."""
+    """Requests by HTTP status from ``stillroom_requests_total``, without ``/ready``: ``serve`` polls it
+    until the model is warm, and each poll before that is a 503 (how slow the warm-up is varies)."""
     counts: dict[int, float] = {}
     for line in metrics_text.splitlines():
+        if 'endpoint="/ready"' in line:
+            continue
         if line.startswith("stillroom_requests_total{") and 'status="' in line:
             status = int(line.split('status="', 1)[1].split('"', 1)[0])
             counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
