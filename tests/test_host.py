@@ -52,6 +52,18 @@ def register_methods(register):
     raise ValueError('boom in register')
 """
 
+CLASH = """
+from stillroom.core.hookspecs import hookimpl
+from stillroom.plugins.lm.methods.kd import KD
+
+class Mine(KD):
+    name = "kd"
+
+@hookimpl
+def register_methods(register):
+    register(Mine)
+"""
+
 BROKEN_HOOK = """
 from stillroom.core.hookspecs import hookimpl
 
@@ -115,6 +127,14 @@ def test_installed_plugin_registers_and_broken_ones_are_isolated(site):
     assert "register_methods: ValueError: boom in register" in infos["bad-register"].error
     assert "half" not in host.registry["methods"]  # a failed registration leaves nothing half-done
     assert host.method("kd") is not None and host.method("echo-kd").name == "echo-kd"
+
+
+def test_a_plugin_reusing_a_registered_name_fails_and_keeps_the_first(site):
+    fake_dist(site, "clash", CLASH)
+    host = Host()
+    info = {i.name: i for i in host.infos()}["clash"]
+    assert "method 'kd' is already registered by plugin 'lm'; rename one of them" in info.error
+    assert host.method("kd").__module__ == "stillroom.plugins.lm.methods.kd"
 
 
 def test_stillroom_plugins_restricts_installed_plugins(site, monkeypatch):

@@ -125,14 +125,21 @@ class Host:
     def _fill(self, kind: str) -> dict[str, Any]:
         """Calls every ``register_<kind>`` hook, one plugin at a time so a failure is attributed."""
         table: dict[str, Any] = {}
+        owners: dict[str, str] = {}
         caller = getattr(self.pm.hook, f"register_{kind}")
         for impl in reversed(caller.get_hookimpls()):
             info = self.plugins.get(impl.plugin_name)
             names: list[str] = []
 
-            def register(*args: Any, _names: list[str] = names) -> None:
+            def register(*args: Any, _names: list[str] = names, _plugin: str = impl.plugin_name) -> None:
                 name, obj = _registration(kind, args)
+                if name in table:
+                    raise ValueError(
+                        f"{NOUNS[kind]} '{name}' is already registered by plugin '{owners[name]}'; "
+                        f"rename one of them"
+                    )
                 table[name] = obj
+                owners[name] = _plugin
                 _names.append(name)
 
             try:
