@@ -1,9 +1,10 @@
 """What the two embedded MNIST teacher scripts share: architecture, training loop, quality table, card.
 
 ``train_mnist_teacher.py`` (DDPM, epsilon prediction) and ``train_mnist_flow_teacher.py`` (rectified
-flow, velocity prediction) differ only in their noising objective, their diffusers scheduler and
-their sampler; everything else (the UNet, class conditioning with a null class for classifier-free
-guidance, the CPU-time budget, EMA, the quality table and ``TRAINING.md``) lives here.
+flow, velocity prediction) differ only in their noising objective, their diffusers scheduler and the
+scheduler class that samples; everything else (the UNet, class conditioning with a null class for
+classifier-free guidance, the guided sampling loop, the CPU-time budget, EMA, the quality table and
+``TRAINING.md``) lives here.
 
 Budget by time: the first ``--probe-steps`` steps are timed and the total step count is then fixed,
 so the LR schedule (warmup + cosine) ends exactly at the end of the budget. The default clock is this
@@ -40,8 +41,6 @@ NULL_CLASS = 10
 
 # loss(unet, x0 [B,1,28,28], labels [B], generator) -> scalar training loss
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
-# sample(unet, scheduler_config, labels, steps, guidance, generator) -> images in [-1, 1]
-Sampler = Callable[..., torch.Tensor]
 
 
 def unet_config(channels: tuple[int, int, int] = (16, 32, 64)) -> dict:
@@ -191,7 +190,31 @@ def train(args, objective: Objective, scheduler, script: str) -> dict:
     }
 
 
-def evaluate(args, sample: Sampler, sampler_name: str) -> dict:
+@torch.no_grad()
+def sample_cfg(
+    unet, sampler_class: str, scheduler_config, labels, steps, guidance, generator, batch_size=500
+) -> torch.Tensor:
+    """Classifier-free guided sampling with the diffusers scheduler ``sampler_class`` built from the
+    teacher's saved scheduler config (DDIM eta=0 for the DDPM teacher, Euler for the flow teacher): the
+    model output is guided as out_null + w (out_y - out_null), the conditional and null-class calls
+    running in one batch of 2B. Returns images [N, 1, 28, 28] in [-1, 1]."""
+    import diffusers
+
+    out = []
+    for i in range(0, len(labels), batch_size):
+        y = labels[i : i + batch_size]
+        sched = getattr(diffusers, sampler_class).from_config(scheduler_config)
+        sched.set_timesteps(steps)
+        x = torch.randn(len(y), 1, 28, 28, generator=generator)
+        y2 = torch.cat([y, torch.full_like(y, NULL_CLASS)])
+        for t in sched.timesteps:
+            o_c, o_u = unet(torch.cat([x, x]), t.expand(2 * len(y)), class_labels=y2).sample.chunk(2)
+            x = sched.step(o_u + guidance * (o_c - o_u), t, x).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def evaluate(args, sampler_class: str, sampler_name: str) -> dict:
     """Quality for each (CFG scale, step count): ``--per-class`` samples per class, the same initial
     noise for every row, so rows differ only in the sampler settings."""
     from diffusers import UNet2DModel
@@ -206,7 +229,8 @@ def evaluate(args, sample: Sampler, sampler_name: str) -> dict:
         for steps in args.eval_steps:
             t0 = time.time()
             with torch.no_grad():
-                imgs = sample(unet.eval(), sched_cfg, labels, steps, w, torch.Generator().manual_seed(1234))
+                gen = torch.Generator().manual_seed(1234)
+                imgs = sample_cfg(unet.eval(), sampler_class, sched_cfg, labels, steps, w, gen)
             m = evaluate_images(imgs, labels, clf)
             rows.append(
                 {
@@ -316,7 +340,7 @@ def run(
     default_cfg: list[float],
     objective: Objective,
     make_scheduler: Callable[[], object],
-    sample: Sampler,
+    sampler_class: str,
     card: dict,
 ) -> None:
     """The command line both scripts share. ``card``: ``write_report``'s, plus sampler_name."""
@@ -342,7 +366,7 @@ def run(
             "machine": f"{platform.machine()}, torch {torch.__version__}",
             "training": train(args, objective, scheduler, script),
         }
-    record["quality"] = evaluate(args, sample, card["sampler_name"])
+    record["quality"] = evaluate(args, sampler_class, card["sampler_name"])
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     write_report(args.out, record, script, card)
     print((args.out / "TRAINING.md").read_text())

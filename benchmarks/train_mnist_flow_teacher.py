@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_teacher_common import NULL_CLASS, run  # noqa: E402
+from mnist_teacher_common import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "stillroom" / "data" / "mnist_flow_teacher"
@@ -57,25 +57,6 @@ def velocity_loss(unet, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator)
     return F.mse_loss(unet(xt, t * T_SCALE, class_labels=y).sample, eps - x0)
 
 
-@torch.no_grad()
-def sample_euler(unet, scheduler_config, labels, steps, guidance, generator, batch_size=500) -> torch.Tensor:
-    """Euler sampling of dx/dt = v from t = 1 to 0 with CFG; images [N, 1, 28, 28] in [-1, 1]."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    out = []
-    for i in range(0, len(labels), batch_size):
-        y = labels[i : i + batch_size]
-        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        sched.set_timesteps(steps)
-        x = torch.randn(len(y), 1, 28, 28, generator=generator)
-        y2 = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-        for t in sched.timesteps:
-            v_c, v_u = unet(torch.cat([x, x]), t.expand(2 * len(y)), class_labels=y2).sample.chunk(2)
-            x = sched.step(v_u + guidance * (v_c - v_u), t, x).prev_sample
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out)
-
-
 if __name__ == "__main__":
     run(
         __doc__,
@@ -84,7 +65,7 @@ if __name__ == "__main__":
         [1.5, 2.0],
         velocity_loss,
         scheduler,
-        sample_euler,
+        "FlowMatchEulerDiscreteScheduler",
         {
             "title": "class-conditional rectified flow (velocity prediction)",
             "scheduler_name": "FlowMatchEulerDiscreteScheduler",

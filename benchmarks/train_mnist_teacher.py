@@ -41,7 +41,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_teacher_common import NULL_CLASS, run  # noqa: E402
+from mnist_teacher_common import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "stillroom" / "data" / "mnist_teacher"
@@ -72,29 +72,6 @@ def epsilon_loss(unet, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator) 
     return F.mse_loss(unet(xt, t, class_labels=y).sample, noise)
 
 
-@torch.no_grad()
-def sample_ddim(unet, scheduler_config, labels, steps, guidance, generator, batch_size=500) -> torch.Tensor:
-    """DDIM (eta=0) sampling with classifier-free guidance; returns images [N, 1, 28, 28] in [-1, 1].
-
-    Conditional and null-class predictions run in one batch of 2B.
-    """
-    from diffusers import DDIMScheduler
-
-    out = []
-    for i in range(0, len(labels), batch_size):
-        y = labels[i : i + batch_size]
-        sched = DDIMScheduler.from_config(scheduler_config)
-        sched.set_timesteps(steps)
-        x = torch.randn(len(y), 1, 28, 28, generator=generator)
-        y2 = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-        for t in sched.timesteps:
-            eps = unet(torch.cat([x, x]), t, class_labels=y2).sample
-            eps_c, eps_u = eps.chunk(2)
-            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
-        out.append(x.clamp(-1, 1))
-    return torch.cat(out)
-
-
 if __name__ == "__main__":
     run(
         __doc__,
@@ -103,7 +80,7 @@ if __name__ == "__main__":
         [1.25, 2.0],
         epsilon_loss,
         scheduler,
-        sample_ddim,
+        "DDIMScheduler",
         {
             "title": "class-conditional DDPM",
             "scheduler_name": "DDPMScheduler",
