@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -91,13 +92,27 @@ def overrides_for(method: str, extra: str) -> list[str]:
     return out
 
 
-def timed(fn, noise, labels, batch=250):
-    start = time.perf_counter()
+def generate(fn, noise, labels, batch=250) -> torch.Tensor:
     with torch.no_grad():
-        out = torch.cat(
+        return torch.cat(
             [fn(noise[i : i + batch], labels[i : i + batch]) for i in range(0, len(labels), batch)]
         )
-    return out, (time.perf_counter() - start) / len(labels)
+
+
+def latency(fn, reference, noise, labels, repeats=3) -> tuple[float, float]:
+    """Seconds per image of ``fn`` on one batch and its speedup over ``reference`` on the same batch:
+    ``repeats`` interleaved (reference, fn) pairs and their medians, so both sides see the same load."""
+    own, ratios = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            reference(noise, labels)
+            t1 = time.perf_counter()
+            fn(noise, labels)
+            t2 = time.perf_counter()
+            own.append((t2 - t1) / len(labels))
+            ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(own), statistics.median(ratios)
 
 
 def parse_train_for(text: str) -> dict[str, list[int]]:
@@ -132,6 +147,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--teacher-steps", default="50,25,10,4,1")
     ap.add_argument("--student-steps", default="1,2,4")
+    ap.add_argument("--latency-batch", type=int, default=8, help="images per timed call")
     ap.add_argument(
         "--teacher", default="ddpm",
         help="comma-separated: ddpm (DDIM rows), flow (Euler rows) or a class-conditional 28/32px spec; "
@@ -176,13 +192,17 @@ class Bench:
         from stillroom.core.host import get_host
         from stillroom.plugins.diffusion import models as dm
 
-        for steps in [int(s) for s in self.args.teacher_steps.split(",") if s]:
-
-            def sample(z, y, steps=steps):
+        def sampler(steps):
+            def sample(z, y):
                 cond, uncond = dm.class_cond(y, self.teacher.null_class)
                 return dm.teacher_sample(self.teacher, z, cond, uncond, steps, self.guidance)
 
-            self.record("teacher", steps, *timed(sample, self.noise, self.labels))
+            return sample
+
+        teacher_steps = [int(s) for s in self.args.teacher_steps.split(",") if s]
+        self.reference = sampler(max(teacher_steps))
+        for steps in teacher_steps:
+            self.record("teacher", steps, sampler(steps))
         train_for = parse_train_for(self.args.train_for)
         for method in self.args.methods.split(","):
             if self.kind not in get_host().method(method).teachers:
@@ -242,18 +262,22 @@ class Bench:
         for steps in [int(s) for s in self.args.student_steps.split(",")]:
             k = min(students, key=lambda k: (abs(k - steps), -k))
             g = load_generator(students[k][0], steps=steps)
-            images, per = timed(lambda z, y, g=g: g(z, y), self.noise, self.labels)
-            self.record(name, steps, images, per, k, students[k][1])
+            self.record(name, steps, g, k, students[k][1])
 
-    def record(self, name, steps, images, per_image, trained_for=0, cpu=None) -> None:
+    def record(self, name, steps, sample, trained_for=0, cpu=None) -> None:
+        """Scores ``sample`` (z, y -> images) on the fixed noise, and times it against the teacher."""
         from stillroom.plugins.diffusion.metrics import evaluate_images
 
+        images = generate(sample, self.noise, self.labels)
         metrics = evaluate_images(images, self.labels, self.classifier)
+        b = self.args.latency_batch
+        per_image, speedup = latency(sample, self.reference, self.noise[:b], self.labels[:b])
         grid = self.out / f"{name}-{steps}step.png"
         first = images.view(10, self.args.per_class, *images.shape[1:])[:, :8]  # 8 samples of each digit
         save_grid(first.reshape(-1, *images.shape[1:]), grid, 8)
         row = {"teacher": self.name, "model": name, "steps": steps, "trained_for": trained_for or None}
-        row.update(train_cpu_minutes=cpu, **metrics, ms_per_image=per_image * 1e3, grid=str(grid))
+        row.update(train_cpu_minutes=cpu, **metrics, ms_per_image=per_image * 1e3, speedup=speedup)
+        row["grid"] = str(grid)
         self.rows.append(row)
         print(
             f"{self.name:<8}{name:<14}{steps:>6}{(trained_for or '-'):>8}"
@@ -264,22 +288,14 @@ class Bench:
         )
 
 
-def speedup(rows: list[dict], row: dict) -> float:
-    """Wall time per image of the row's teacher at its most steps, over the row's."""
-    ref = max(
-        (r for r in rows if r["teacher"] == row["teacher"] and r["model"] == "teacher"),
-        key=lambda r: r["steps"],
-    )
-    return ref["ms_per_image"] / row["ms_per_image"]
-
-
 def markdown(rows: list[dict], args) -> str:
     """The table as markdown, with the command line that produced it."""
     lines = [
         "FID-like = Frechet distance on the shipped MNIST classifier's features (NOT Inception FID);",
         f"{args.per_class} samples per class, each teacher with its card's CFG (students have it baked in);",
-        "speedup = the teacher's wall time per image at its most steps over the row's (torch, batch 250, one",
-        "CPU thread); train CPU min = the student's training CPU time (a retargeted row shares it).",
+        "ms/image and speedup over the teacher at its most steps: torch, one CPU thread, batch "
+        f"{args.latency_batch}, medians of 3 interleaved (teacher, row) pairs; train CPU min = the student's",
+        "training CPU time (a retargeted row shares its student's).",
         "",
         "| teacher | model | steps | student trained for | train CPU min | FID-like | class acc. | diversity "
         "| recall | ms/image | speedup |",
@@ -290,7 +306,7 @@ def markdown(rows: list[dict], args) -> str:
         lines.append(
             f"| {r['teacher']} | {r['model']} | {r['steps']} | {r['trained_for'] or '-'} | {cpu} | "
             f"{r['fid_like']:.2f} | {r['class_accuracy']:.3f} | {r['diversity']:.3f} | {r['recall']:.3f} | "
-            f"{r['ms_per_image']:.1f} | {speedup(rows, r):.0f}x |"
+            f"{r['ms_per_image']:.1f} | {r['speedup']:.1f}x |"
         )
     lines += ["", "    " + shlex.join(["python", *sys.argv]), ""]
     return "\n".join(lines)
