@@ -2,7 +2,13 @@
 
     D/model_index.json   {"_class_name": ["pipeline", "StillroomFewStepPipeline"], "unet": [...],
                           "scheduler": [...], + the pipeline's sampler settings (diffusers_pipeline.py)}
-    D/unet/              the student's UNet2DModel, copied (``UNet2DModel.from_pretrained(D / "unet")``)
+    D/unet/              the student's UNet2DModel (``UNet2DModel.from_pretrained(D / "unet")``); an AGD
+                         student's frozen teacher UNet; a Phased DMD student's expert 0
+    D/unet_1/ ...        a Phased DMD student's experts 1..E-1 (E <= 4), their phase boundaries in
+                         model_index.json's ``phase_boundaries``
+    D/guidance_adapter/  an AGD student's adapters as the pipeline's ``StillroomGuidanceAdapter``
+                         (config.json, diffusion_pytorch_model.safetensors, and pipeline.py: diffusers
+                         imports a custom component's class from the component's own folder)
     D/scheduler/         DDIMScheduler config: the student's noise schedule, its real ``prediction_type``
                          (``stillroom.json``'s ``sampler.prediction``; the saved scheduler may say epsilon)
                          and trailing spacing, whose grid for K steps is the distilled timesteps
@@ -15,8 +21,10 @@ Before the manifest is written the folder is loaded exactly that way, in this pr
 for a fixed seed are compared with stillroom's own sampler (``load_generator``) fed the same noise.
 
 Only what the pipeline template reproduces is exported: class-conditional or unconditional pixel-space
-students, with or without sampling-time classifier-free guidance or a consistency boundary. Text,
-latent, hybrid and guidance-embedded students are refused up front rather than exported half-working.
+UNet2DModel students, with or without sampling-time classifier-free guidance or a consistency boundary,
+including AGD students (guidance adapters, w an argument) and Phased DMD students of up to 4 experts.
+Text, latent, hybrid and LCM guidance-embedded students are refused up front rather than exported
+half-working.
 """
 
 from __future__ import annotations
@@ -35,11 +43,15 @@ from stillroom.core.fsio import atomic_dir
 from stillroom.core.source import detect
 from stillroom.plugins.diffusion import diffusers_pipeline
 from stillroom.plugins.diffusion import spec as sampler_spec
+from stillroom.plugins.diffusion.experts import PhasedExperts
+from stillroom.plugins.diffusion.guidance_adapter import GuidanceAdaptedUNet
 from stillroom.plugins.diffusion.sampler import ddim_timesteps, is_flow, load_generator
 
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = diffusers_pipeline.StillroomFewStepPipeline.__name__
+ADAPTER_CLASS = diffusers_pipeline.StillroomGuidanceAdapter.__name__
+SLOTS = diffusers_pipeline.EXPERT_SLOTS
 TOLERANCE = 1e-4  # max abs difference in [0, 1] pixel units; both sides run the same float32 arithmetic
 SEED = 0
 
@@ -63,12 +75,19 @@ def export_diffusers(src: str | Path, out: str | Path, *, steps: int | None = No
     _check_supported(student, sampler)
     generator = load_generator(student, steps=steps)
     sampler = generator.sampler
+    unets, phase_boundaries, adapted = _networks(generator.unet, student)
     scheduler_config = dict(diffusers.DDIMScheduler.load_config(student / "scheduler"))
-    pipeline_config = _pipeline_config(sampler, scheduler_config)
+    pipeline_config = {**_pipeline_config(sampler, scheduler_config), "phase_boundaries": phase_boundaries}
 
     out = Path(out)
     with atomic_dir(out) as tmp:
-        shutil.copytree(student / "unet", tmp / "unet")
+        components = {}
+        for slot, unet in zip(SLOTS, unets, strict=False):
+            unet.save_pretrained(tmp / slot)
+            components[slot] = ["diffusers", "UNet2DModel"]
+        if adapted is not None:
+            _save_adapter(adapted, tmp / "guidance_adapter")
+            components["guidance_adapter"] = ["pipeline", ADAPTER_CLASS]
         if is_flow(scheduler_config):  # the pipeline reads a flow student's grid and v from its class
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         else:
@@ -81,7 +100,7 @@ def export_diffusers(src: str | Path, out: str | Path, *, steps: int | None = No
             "_class_name": ["pipeline", PIPELINE_CLASS],
             "_diffusers_version": diffusers.__version__,
             **pipeline_config,
-            "unet": ["diffusers", "UNet2DModel"],
+            **components,
             "scheduler": ["diffusers", type(scheduler).__name__],
         }
         (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
@@ -116,7 +135,10 @@ def _check_supported(student: Path, sampler: dict[str, Any]) -> None:
         (sampler.get("conditioning") == "text", "text-conditional"),
         (bool(sampler.get("latent")), "latent"),
         (bool(sampler.get("hybrid")), "hybrid (teacher + student)"),
-        (bool(sampler.get("guidance_embed")), "guidance-embedded (LCM w-embedding)"),
+        (
+            bool(sampler.get("guidance_embed")) and not (student / "guidance_adapter").is_dir(),
+            "guidance-embedded (LCM w-embedding)",
+        ),
     ]
     for hit, what in unsupported:
         if hit:
@@ -125,17 +147,51 @@ def _check_supported(student: Path, sampler: dict[str, Any]) -> None:
                 "export it with `--to onnx`; --to diffusers takes class-conditional or unconditional "
                 "pixel-space students",
             )
-    unet_class = json.loads((student / "unet" / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    if unet_class != "UNet2DModel":
-        raise StillroomError(
-            f"the student's UNet is a {unet_class}; the diffusers exporter supports UNet2DModel only",
-            "export it with `--to onnx`",
-        )
     if sampler.get("guidance") is not None and sampler.get("conditioning") != "class":
         raise StillroomError(
             "sampling-time guidance without class conditioning is not supported by the diffusers exporter",
             "export it with `--to onnx`",
         )
+
+
+def _networks(net: torch.nn.Module, student: Path):
+    """(the UNets in slot order, Phased DMD's phase boundaries or None, AGD's adapted UNet or None) of the
+    loaded student's network, refused in one line where the pipeline has no place for it."""
+    unets, boundaries, adapted = [net], None, None
+    if isinstance(net, GuidanceAdaptedUNet):
+        unets, adapted = [net.base], net
+    elif isinstance(net, PhasedExperts):
+        unets, boundaries = list(net.experts), list(net.boundaries)
+    if len(unets) > len(SLOTS):
+        raise StillroomError(
+            f"'{student}' has {len(unets)} Phased DMD experts; "
+            f"the diffusers pipeline holds {len(SLOTS)} at most",
+            f"export it with `--to onnx`, or train it with method.phases <= {len(SLOTS)}",
+        )
+    other = sorted({type(unet).__name__ for unet in unets} - {"UNet2DModel"})
+    if other:
+        raise StillroomError(
+            f"the student's UNet is a {other[0]}; the diffusers exporter supports UNet2DModel only",
+            "export it with `--to onnx`",
+        )
+    return unets, boundaries, adapted
+
+
+def _save_adapter(adapted: GuidanceAdaptedUNet, folder: Path) -> None:
+    """AGD's adapters as the pipeline's ``StillroomGuidanceAdapter`` (same weight names), with the
+    pipeline file beside them, where diffusers looks for a custom component's class."""
+    settings = adapted.settings
+    adapter = diffusers_pipeline.StillroomGuidanceAdapter(
+        sites=[[name, channels] for name, channels in adapted.sites],
+        rank=settings["rank"],
+        embed_dim=settings["embed_dim"],
+        hidden=settings["hidden"],
+        time_embed_dim=adapted.t_proj.in_features,
+        clip_sample=settings["clip_sample"],
+    )
+    adapter.load_state_dict(adapted.adapter_state())
+    adapter.save_pretrained(folder)
+    shutil.copyfile(diffusers_pipeline.__file__, folder / "pipeline.py")
 
 
 def _pipeline_config(sampler: dict[str, Any], scheduler_config: dict[str, Any]) -> dict[str, Any]:

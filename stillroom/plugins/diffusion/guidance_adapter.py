@@ -166,17 +166,20 @@ class GuidanceAdaptedUNet(nn.Module):
         """What ``forward`` outputs, as the sampler's ``prediction`` field."""
         return self.settings["prediction"] if self.settings["clip_sample"] is None else "sample"
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapters' weights (everything but the frozen base UNet), on the CPU."""
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("base.")
+        }
+
     def save_adapters(self, folder: Path) -> None:
         """``config.json`` and ``adapter.safetensors`` of the adapters (the base UNet is saved as it is)."""
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in self.state_dict().items()
-            if not k.startswith("base.")
-        }
-        save_file(state, folder / WEIGHTS)
+        save_file(self.adapter_state(), folder / WEIGHTS)
         write_text(folder / CONFIG, json.dumps(self.settings, indent=2))
 
 
