@@ -6,6 +6,8 @@ so a bench answers the question the recipe asked. Every (data, protocol, epochs,
 cached as JSON under ``$STILLROOM_CACHE/dataset/eval/`` (keyed by the data's sha256 and the protocol),
 so repeated benches, and the bench right after ``stillroom run`` evaluated the card, retrain nothing;
 the full-data and random baselines are shared by every dataset of the same source and protocol.
+A method's transfer evaluations in the card (``evaluation`` entries that are tables of rows, e.g.
+ssl_dd's linear probe and fine-tuning) are carried into the report as ``transfer``, as measured.
 The report is report.json, report.md and report.html (written last) in ``out``.
 """
 
@@ -104,6 +106,7 @@ def run(path: Path, out: Path) -> dict[str, Any]:
         "distill_cpu_minutes": card.get("cpu_minutes"),
         "protocol": protocol.model_dump(),
         "rows": rows,
+        "transfer": {name: v for name, v in card.get("evaluation", {}).items() if isinstance(v, dict)},
     }
     out = Path(out)
     write_json(out / "report.json", report)
@@ -128,4 +131,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {row['images']} | {100 * row['accuracy']:.2f} +- {100 * row['accuracy_std']:.2f} "
             f"| {row['cpu_s']:.0f} |"
         )
+    for name, rows in report["transfer"].items():
+        lines += ["", f"{name} (the card's: ConvNets pretrained on each row's data)", ""]
+        lines += ["| pretrained on | accuracy (mean +- std) |", "|---|---|"]
+        for row, f in rows.items():
+            lines.append(f"| {row} | {100 * f['accuracy']:.2f} +- {100 * f['accuracy_std']:.2f} |")
     return "\n".join(lines) + "\n"
