@@ -16,17 +16,21 @@ from torch.nn import functional as F
 from stillroom.core import onnx_export, ort_session
 from stillroom.core import recipe as recipes
 from stillroom.core.errors import StillroomError
+from stillroom.core.host import get_host
+from stillroom.core.method import Context
 from stillroom.core.trainer import Trainer
 from stillroom.plugins.diffusion import models as dm
 from stillroom.plugins.diffusion import sampler as gen
 from stillroom.plugins.diffusion.experts import PhasedExperts
 from stillroom.plugins.diffusion.export import SamplerGraph
 from stillroom.plugins.diffusion.methods.phased_dmd import (
+    noise_ratio,
     subinterval_denoise,
     subinterval_score_loss,
     transition,
 )
 from tests.test_diffusion_fixtures import diffusion_recipe
+from tests.test_flow_teacher import build_flow_teacher
 
 # abar at s < t (VP); s is noisy enough that treating x_s as clean is visibly biased
 ABAR_S, ABAR_T = 0.3, 0.2
@@ -91,6 +95,83 @@ def test_subinterval_loss_at_the_clean_end_is_dmd2s_critic_loss():
     eps_phi, eps = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
     s_t = torch.rand(4, 1, 1, 1) + 0.1
     assert torch.allclose(subinterval_score_loss(eps_phi, eps, s_t, s_t), F.mse_loss(eps_phi, eps))
+
+
+def test_noise_ratio_is_its_limit_at_the_flow_clean_end():
+    s_t = torch.tensor([0.0, 1e-3, 0.5, 1.0], dtype=torch.float64)
+    assert torch.equal(noise_ratio(s_t, s_t), torch.ones(4, dtype=torch.float64))  # s = -1: s_ts = s_t
+    s_ts = torch.tensor([0.0, 5e-4, 0.3, 0.8], dtype=torch.float64)
+    assert torch.allclose(noise_ratio(s_ts[1:], s_t[1:]), s_ts[1:] / s_t[1:])
+    x_t, eps = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    one, zero = torch.ones(4, 1, 1, 1), torch.zeros(4, 1, 1, 1)
+    assert torch.equal(subinterval_denoise(x_t, eps, one, zero, zero), x_t)  # noiseless: E[x0 | x0] = x0
+
+
+@pytest.fixture(scope="module")
+def flow_phased(tmp_path_factory, label_folder):
+    """phased_dmd (4 steps, 2 phases) on the tiny flow teacher, with the widest generator range t_min=0,
+    t_max=1, built but not trained; and a batch."""
+    tmp = tmp_path_factory.mktemp("flow_phased")
+    params = {"name": "phased_dmd", "phases": 2, "critic_updates": 1, "t_min": 0.0, "t_max": 1.0}
+    data = diffusion_recipe(params, build_flow_teacher(tmp / "teacher"), {"source": str(label_folder)},
+                            {"steps": 4})  # fmt: skip
+    method = get_host().method("phased_dmd")(
+        recipes.validate(data), Context(torch.device("cpu"), torch.float32, tmp)
+    )
+    method.roles = method.build()
+    ds = method.dataset()
+    return method, method.collate([ds[i] for i in range(4)])
+
+
+def _range(draw):
+    torch.manual_seed(0)
+    t = draw(20_000, "cpu")  # P(an end of a 1001-wide range is never drawn) < 1e-8
+    return int(t.min()), int(t.max())
+
+
+@pytest.mark.parametrize("phase", [0, 1])
+def test_every_timestep_a_flow_phase_can_draw_gives_finite_coefficients_and_losses(flow_phased, phase):
+    """Issue 18: on a flow teacher the last phase (s = -1) draws t = 0, where sigma_t = 0, and its
+    critic's (sigma_{t|s} / sigma_t) was 0 / 0: NaN loss a few dozen steps into the phase."""
+    method, batch = flow_phased
+    method.phase = phase
+    s = method.end()
+    critic, generator = _range(method.critic_t), _range(method.random_t)
+    assert critic == (s + 1, method.top) and generator == (s + 1, method.T - 1)
+    for (lo, hi), used in ((critic, "critic"), (generator, "generator")):
+        t = torch.arange(lo, hi + 1)
+        _, _, a_ts, s_ts, s_t = method.diffuse(torch.zeros(len(t), 1, 1, 1), t)
+        coef = noise_ratio(s_ts, s_t)
+        if used == "generator":  # the critic's loss never divides by alpha_{t|s} (0 at t = T)
+            coef = subinterval_denoise(torch.ones_like(a_ts), torch.ones_like(a_ts), a_ts, s_ts, s_t)
+        assert torch.isfinite(coef).all(), (used, t[~torch.isfinite(coef.flatten())].tolist())
+    draws = {"critic_t": critic, "random_t": generator}
+    for pick in (0, 1):  # the losses at each end of both ranges
+        for name, ends in draws.items():
+            setattr(method, name, lambda b, dev, t=ends[pick]: torch.full((b,), t, device=dev))
+        for loss in (method.critic_loss(batch).loss, method.generator_loss(batch).loss):
+            assert torch.isfinite(loss), (phase, pick)
+    for name in draws:
+        delattr(method, name)
+
+
+def test_flow_critic_loss_at_the_clean_end_is_the_velocity_regression(flow_phased):
+    """t = 0, s = -1: x_t = x_0, the loss must be ||eps_phi - eps||^2 with eps_phi = x_0 + v_phi(x_0, 0)."""
+    method, batch = flow_phased
+    method.phase = 1
+    method.critic_t = lambda b, dev: torch.zeros(b, dtype=torch.long, device=dev)
+    try:
+        torch.manual_seed(11)
+        got = method.critic_loss(batch).loss
+        torch.manual_seed(11)
+        with torch.no_grad():
+            x0, _ = method.phase_sample(batch)
+            eps = torch.randn_like(x0)
+            t = torch.zeros(len(x0), dtype=torch.long)
+            v = method.critic(x0, t, class_labels=batch["cond"]["class_labels"]).sample
+    finally:
+        del method.critic_t
+    assert torch.isfinite(got) and torch.allclose(got, F.mse_loss(x0 + v, eps), rtol=1e-5)
 
 
 def _experts(class_teacher, n=2):

@@ -38,6 +38,14 @@ grows as 1 / sigma_{t|s}^2 when t -> s; the paper clamps a 1 / sigma_{t|s}^2 fac
 the per-t weight w <= 1 bounds it instead (a per-t weight keeps the minimiser). For s = -1 this is
 DMD2's critic loss. The critic (DMD2's, a copy of the teacher) is reset to the teacher at the start
 of every phase, as in the paper, and steps ``critic_updates`` times per generator step.
+
+Flow teachers (x_t = (1 - t/T) x0 + (t/T) eps, t = 0..T) reach both endpoints. sigma_t = 0 only at t = 0,
+which only the last phase (s = -1) draws, and there sigma_{t|s} = sigma_t at every t, so the ratio
+sigma_{t|s} / sigma_t is taken as its value 1 (``noise_ratio``), not 0 / 0: the critic's loss at t = 0 is
+DMD2's ||eps_phi(x_0, 0) - eps||^2 (a velocity critic learns v(x_0, 0) = -x_0) and the denoiser is the
+identity, E[x_0 | x_0] = x_0. alpha_t = 0 only at t = T (pure noise): the critic's loss there is finite
+(alpha_{t|s} = 0, sigma_{t|s} = sigma_t = 1), and the generator, whose t < t_max T <= T, never asks for
+E[x_s | x_t] there (which has no Tweedie form: x_T carries nothing of x_s).
 """
 
 from __future__ import annotations
@@ -75,15 +83,22 @@ def transition(a_t, s_t, a_s, s_s):
     return a_ts, (s_t**2 - a_ts**2 * s_s**2).clamp(min=0).sqrt()
 
 
+def noise_ratio(s_ts, s_t):
+    """sigma_{t|s} / sigma_t, and 1 where sigma_t = 0 (a flow's t = 0, drawn only with s = -1, where
+    sigma_{t|s} = sigma_t identically; sigma_{t|s} <= sigma_t makes it 0 / 0 there otherwise)."""
+    noisy = s_t > 0
+    return torch.where(noisy, s_ts, 1) / torch.where(noisy, s_t, 1)
+
+
 def subinterval_denoise(x_t, eps_hat, a_ts, s_ts, s_t):
     """E[x_s | x_t] from a network's E[eps | x_t]: (x_t - (sigma_{t|s}^2 / sigma_t) eps_hat) / alpha_{t|s}."""
-    return (x_t - (s_ts**2 / s_t) * eps_hat) / a_ts
+    return (x_t - noise_ratio(s_ts, s_t) * s_ts * eps_hat) / a_ts
 
 
 def subinterval_score_loss(eps_phi, eps_ts, s_ts, s_t):
     """mean ||(sigma_{t|s} / sigma_t) eps_phi - eps_{t|s}||^2: the unbiased subinterval objective,
     weighted by sigma_{t|s}^2 / sigma_t^2, of a critic that sees only x_s."""
-    return torch.nn.functional.mse_loss((s_ts / s_t) * eps_phi.float(), eps_ts.float())
+    return torch.nn.functional.mse_loss(noise_ratio(s_ts, s_t) * eps_phi.float(), eps_ts.float())
 
 
 class PhasedDMD(DMD2):
