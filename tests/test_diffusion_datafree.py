@@ -126,10 +126,11 @@ def test_normalized_tangent_is_the_finite_difference_over_its_norm_plus_c():
         assert torch.allclose(g[i], raw / (raw.norm() + 0.1))
 
 
-def test_tbcm_gradient_is_twice_the_normalised_tangent_on_a_trajectory_pair(
+def test_tbcm_gradient_is_twice_the_snr_weighted_normalised_tangent_on_a_trajectory_pair(
     class_teacher, tmp_path, monkeypatch
 ):
-    """sCM's surrogate: d L / d f_theta(x_t, t) = 2 g_hat, with (x_t, x_s) one teacher step apart."""
+    """sCM's surrogate: d L / d f_theta(x_t, t) = 2 w(t) g_hat, with (x_t, x_s) one teacher step apart and
+    w(t) = 1 / (sigma_d tan(tau)) = sqrt(abar_t / (1 - abar_t)), sCM's prior weighting on a VP schedule."""
     method, batch = built("tbcm", class_teacher, tmp_path, {"ddim_steps": 10})
     x_t, t, cond, *_ = method.trajectories.current(batch)
     x_t, t = x_t.clone(), t.clone()
@@ -154,7 +155,9 @@ def test_tbcm_gradient_is_twice_the_normalised_tangent_on_a_trajectory_pair(
     f = captured["f"].detach()
     raw = (f - captured["f_s"]) / ((t - captured["s"]).float() / 1000).view(-1, 1, 1, 1)
     g_hat = raw / (raw.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
-    assert torch.allclose(captured["f"].grad, 2 * g_hat / 4, atol=1e-6)  # mean over the batch of 4
+    abar = method.teacher.scheduler.alphas_cumprod.double()[t]
+    w = (abar / (1 - abar)).sqrt().float().view(-1, 1, 1, 1)
+    assert torch.allclose(captured["f"].grad, 2 * w * g_hat / 4, atol=1e-6)  # mean over the batch of 4
 
 
 @pytest.mark.parametrize(
