@@ -7,10 +7,13 @@ a random real subset at the same IPC, accuracy on the 1000 held-out images (mean
 ``--set KEY=VALUE`` overrides every recipe, ``METHOD:KEY=VALUE`` only that method's (e.g. a smaller
 evaluation protocol on a loaded machine);
 the overrides used are printed with the table. Writes ``results.json``, ``table.md`` and
-``accuracy_vs_ipc.png`` (accuracy vs IPC per method, random and full-data lines) into ``--out``.
+``accuracy_vs_ipc.png`` (accuracy vs IPC per method, random and full-data lines) into ``--out``; rows
+already in ``--out/results.json`` are kept (a re-run of a (method, IPC) replaces its row), so the table
+can be filled in several calls, e.g. one method last:
 
     OMP_NUM_THREADS=1 python benchmarks/dataset_distill.py --ipc 1 10 \\
-        --set method.eval.width=32 method.eval.epochs=100 mtt:train.steps=100
+        --methods mtt rethink_pca ftd datm shq cvdd
+    OMP_NUM_THREADS=1 python benchmarks/dataset_distill.py --ipc 1 10 --methods ssl_dd
 """
 
 from __future__ import annotations
@@ -55,21 +58,28 @@ def run_one(method: str, ipc: int, work: Path, overrides: list[str]) -> dict:
         "eval_cpu_minutes": round(sum(r["cpu_s"] for r in rows.values()) / 60, 3),
         "wall_minutes_this_call": round((time.perf_counter() - started) / 60, 2),
         "protocol": result.report["protocol"],
+        "overrides": mine,
     }
 
 
-def table(rows: list[dict], overrides: list[str]) -> str:
+def table(rows: list[dict]) -> str:
+    p = rows[0]["protocol"]
+    overrides = sorted({o for r in rows for o in r.get("overrides", [])})
     lines = [
+        f"protocol: ConvNet-{p['depth']} width {p['width']}, DSA '{p['augment']}', {p['seeds']} seeds, "
+        f"{p['epochs']} epochs ({p['full_epochs']} on the full split), lr {p['lr']}",
         f"overrides: {' '.join(overrides) or '(none: the shipped recipes)'}",
         "",
-        "| method | IPC | distilled % | random % | full % | distill CPU min | experts CPU min |",
-        "|---|---|---|---|---|---|---|",
+        "| method | IPC | distilled % | random % | full % | distill CPU min | experts CPU min "
+        "| eval CPU min |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     pct = lambda r, k: f"{100 * r[k + '_accuracy']:.2f} +- {100 * r[k + '_std']:.2f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['ipc']} | {pct(r, 'distilled')} | {pct(r, 'random')} | {pct(r, 'full')} "
-            f"| {r['distill_cpu_minutes']:.2f} | {r['expert_cpu_minutes']:.2f} |"
+            f"| {r['distill_cpu_minutes']:.2f} | {r['expert_cpu_minutes']:.2f} "
+            f"| {r['eval_cpu_minutes']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -111,14 +121,29 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/dataset_distill"))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    rows = []
+    rows = previous(args.out / "results.json")
     for ipc in args.ipc:
         for method in args.methods:
-            rows.append(run_one(method, ipc, args.work, args.set))
-            print(table(rows, args.set), flush=True)
-    write_json(args.out / "results.json", rows)
-    write_text(args.out / "table.md", table(rows, args.set))
+            row = run_one(method, ipc, args.work, args.set)
+            if rows and row["protocol"] != rows[0]["protocol"]:
+                raise SystemExit(
+                    f"{method} IPC {ipc} was evaluated with another protocol than the rows in "
+                    f"{args.out}/results.json: use another --out, or delete that file"
+                )
+            rows = sorted([r for r in rows if (r["method"], r["ipc"]) != (method, ipc)] + [row], key=order)
+            write_json(args.out / "results.json", rows)
+            write_text(args.out / "table.md", table(rows))
+            print(table(rows), flush=True)
     plot(rows, args.out / "accuracy_vs_ipc.png")
+
+
+def previous(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def order(row: dict) -> tuple:
+    known = row["method"] in METHODS
+    return row["ipc"], METHODS.index(row["method"]) if known else len(METHODS), row["method"]
 
 
 if __name__ == "__main__":

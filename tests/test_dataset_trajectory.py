@@ -1,7 +1,8 @@
 """The trajectory-matching variants of the dataset family (ftd, datm, shq): what distinguishes each from
 MTT against an independent computation (SAM and clipped expert steps by hand, the EMA recursion in
-float64, DATM's window table and expert-logit soft labels, k-means-nearest initialisation, balanced
-minibatches), the unchanged cache key of plain experts, resume, and `stillroom run` end to end."""
+float64, DATM's window table and its soft labels from the trained experts' logits, k-means-nearest
+initialisation, balanced minibatches), the projection of the images onto [0, 1] after every step, the
+unchanged cache key of plain experts, resume, and `stillroom run` end to end."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ TINY_MTT = (
     f"method.experts.width=4 train.steps=4 {TINY_EVAL}"
 )
 TINY = {
+    "mtt": f"{TINY_MTT} method.max_start_epoch=1",
     "ftd": f"{TINY_MTT} method.max_start_epoch=1 method.ema_decay=0.5",
     "datm": f"{TINY_MTT} method.experts.epochs=3 method.min_start_epoch=0 method.initial_max_start_epoch=1 "
     "method.max_start_epoch=2",
@@ -69,7 +71,7 @@ def build(method: str, ipc: int, src: str, tmp_path: Path, extra: str = ""):
     recipe = pipeline.load_recipe(f"mnist-dd-{method}-ipc1", overrides)
     torch.manual_seed(0)
     ctx = Context(torch.device("cpu"), torch.float32, tmp_path, seed=0)
-    instance = {"ftd": ftd.FTD, "datm": datm.DATM, "shq": shq.SHQ}[method](recipe, ctx)
+    instance = {"mtt": mtt.MTT, "ftd": ftd.FTD, "datm": datm.DATM, "shq": shq.SHQ}[method](recipe, ctx)
     instance.roles = instance.build()
     return instance
 
@@ -103,6 +105,31 @@ def test_plain_experts_keep_their_cache_folder_and_variants_get_their_own():
     assert experts.folder(real, cfg).name == old[:16]
     variants = {experts.folder(real, cfg.model_copy(update=u)) for u in ({"sam_rho": 0.05}, {"clip": 1.0})}
     assert len(variants | {experts.folder(real, cfg)}) == 3
+
+
+# -- mtt ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["mtt", "ftd"])
+def test_images_are_projected_onto_pixels_after_every_step_so_the_matched_set_is_the_shipped_one(
+    method, src, tmp_path
+):
+    instance = build(method, 1, src, tmp_path, "method.ema_decay=0.0" if method == "ftd" else "")
+    syn = instance.synthetic
+    opt = torch.optim.SGD([syn.images], lr=1e4)  # a step that throws pixels far out of [0, 1]
+    instance.loss("student", [(0, 0)], 0).loss.backward()
+    moved = syn.images.detach() - 1e4 * syn.images.grad
+    assert moved.min() < -0.5 and moved.max() > 1.5
+    opt.step()
+    instance.after_step(0, {})
+    assert torch.allclose(syn.images.detach(), moved.clamp(0, 1), atol=1e-5)  # the projection, nothing else
+    images, _ = instance.distilled()
+    assert np.array_equal(images, syn.images.detach().numpy())  # what the next match trains on
+
+
+def test_representative_init_is_available_to_every_trajectory_method(src, tmp_path):
+    method = build("mtt", 3, src, tmp_path, "method.init=representative")
+    real = method.real
+    pick = mtt.representative(real.train_images, real.train_labels, 3, real.classes, seed=0)
+    assert np.array_equal(method.synthetic.images.detach().numpy(), real.train_images[pick])
 
 
 # -- ftd ----------------------------------------------------------------------------------------------
@@ -140,23 +167,29 @@ def test_datm_window_grows_from_t_to_t_plus_by_the_expansion_end():
         datm.DATMParams(min_start_epoch=2, initial_max_start_epoch=2, max_start_epoch=4)
 
 
-def test_datm_soft_labels_start_as_the_experts_logits_on_correctly_classified_images(src, tmp_path):
-    method = build("datm", 3, src, tmp_path)
-    real = method.real
-    expert = experts.network(real, 4, 3)
-    torch.nn.utils.vector_to_parameters(
-        method.trajectories[0][method.params.max_start_epoch], expert.parameters()
-    )
+def test_datm_soft_labels_start_as_the_mean_logits_of_the_trained_experts_that_are_right(src, tmp_path):
+    """DATM's code: the experts at their last epoch (Label_Model_Timestamp = -1), images expert 0
+    classifies correctly, logits averaged over the experts right on each image."""
+    method = build("datm", 3, src, tmp_path, "method.experts.count=3")
+    real, syn = method.real, method.synthetic
+    nets = []
+    for trajectory in method.trajectories:  # independent: plain modules loaded with the last epoch
+        net = experts.network(real, 4, 3)
+        torch.nn.utils.vector_to_parameters(trajectory[-1], net.parameters())
+        nets.append(net)
     with torch.no_grad():
-        all_logits = expert(torch.from_numpy(real.train_images))
-    correct = all_logits.argmax(-1).numpy() == real.train_labels
-    syn = method.synthetic
-    with torch.no_grad():
-        init_logits = expert(syn.images)
-    assert torch.allclose(syn.targets(), torch.softmax(init_logits, -1), atol=1e-5)
-    predicted = init_logits.argmax(-1).numpy() == syn.labels.numpy()
-    for c in range(real.classes):  # correct images first, as many as the class has
-        assert predicted[syn.labels.numpy() == c].sum() == min(3, correct[real.train_labels == c].sum())
+        correct = nets[0](torch.from_numpy(real.train_images)).argmax(-1).numpy() == real.train_labels
+        per_expert = torch.stack([net(syn.images) for net in nets]).double()  # [E, N, K]
+    y = syn.labels.numpy()
+    want = torch.zeros(len(y), 10, dtype=torch.float64)
+    for i in range(len(y)):
+        right = [e for e in range(3) if per_expert[e, i].argmax() == y[i]] or [0, 1, 2]
+        want[i] = per_expert[right, i].mean(0)
+    assert torch.allclose(syn.targets().double(), torch.softmax(want, -1), atol=1e-5)
+    predicted = per_expert[0].argmax(-1).numpy() == y
+    for c in range(real.classes):  # images expert 0 gets right first, as many as the class has
+        assert predicted[y == c].sum() == min(3, correct[real.train_labels == c].sum())
+    assert not torch.allclose(per_expert[0], per_expert[1])  # the experts differ: the mean is a mean
     method.loss("student", [(0, 0)], 0).loss.backward()
     assert syn.w.grad.abs().sum() > 0 and syn.images.grad.abs().sum() > 0
     _, labels = method.distilled()
@@ -166,12 +199,12 @@ def test_datm_soft_labels_start_as_the_experts_logits_on_correctly_classified_im
 # -- shq ----------------------------------------------------------------------------------------------
 def test_shq_representative_init_is_the_real_image_nearest_each_centroid():
     real = tiny_real(n_per_class=6)
-    one = shq.representative(real.train_images, real.train_labels, 1, 3, seed=0)
+    one = mtt.representative(real.train_images, real.train_labels, 1, 3, seed=0)
     for c, i in enumerate(one):  # k = 1: the centroid is the class mean
         members = np.flatnonzero(real.train_labels == c)
         flat = real.train_images[members].reshape(len(members), -1).astype(np.float64)
         assert i == members[np.argmin(((flat - flat.mean(0)) ** 2).sum(1))]
-    three = shq.representative(real.train_images, real.train_labels, 3, 3, seed=0)
+    three = mtt.representative(real.train_images, real.train_labels, 3, 3, seed=0)
     assert len(set(three.tolist())) == 9 and (real.train_labels[three] == np.repeat(np.arange(3), 3)).all()
 
 

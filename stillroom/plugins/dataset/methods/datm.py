@@ -13,11 +13,16 @@ moves up during distillation ("sequential generation"), reaching T+ after a frac
 (T- ``min_start_epoch``, T ``initial_max_start_epoch``, T+ ``max_start_epoch``). The objective is MTT's
 eq. 2 unchanged: L = ||theta_hat_{t+N} - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2.
 
-Soft labels. Each synthetic image i carries learnable logits z_i, initialised with the logits of an
-expert (expert 0 at epoch T+, the end of the matching range) on its initial real image,
-z_i = f(x_i; theta*_{T+}); only real images that expert classifies correctly are used (a class with too
-few correct ones is filled with its other images, and the card counts them). The inner loop trains on
-the targets softmax(z_i):
+Soft labels. Each synthetic image i carries learnable logits z_i, initialised as DATM's code does
+(its ``Label_Model_Timestamp = -1``: the experts at their last epoch T_end, the trained experts):
+the images are real images that expert 0 classifies correctly (``init: real``; a class with too few
+correct ones is filled with its other images, and the card counts them; ``init: representative``
+takes the k-means-nearest real images instead), and z_i is the mean logit of the experts that
+classify x_i correctly (all experts when none does),
+
+    z_i = mean_{e in C_i} f(x_i; theta*_{e,T_end}),   C_i = {e : argmax_k f(x_i; theta*_{e,T_end})_k = y_i}.
+
+The inner loop trains on the targets softmax(z_i):
 
     theta_hat_{t+n+1} = theta_hat_{t+n} - alpha * grad_theta CE_soft,
     CE_soft = mean_i sum_k -softmax(z_i)_k log softmax(f(A(x_i); theta_hat_{t+n}))_k
@@ -89,30 +94,43 @@ class DATM(MTT):
         low, high = window(step, self.recipe.train.steps, self.params)
         return int(torch.randint(low, high, (1,)))  # the global RNG: checkpointed, resumes bitwise
 
-    def label_expert_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """f(x; theta*_{T+}) of expert 0, without augmentation."""
-        theta = self.trajectories[0][self.params.max_start_epoch].to(self.ctx.device)
+    def expert_logits(self, images: torch.Tensor, experts: range) -> torch.Tensor:
+        """[E, N, K]: f(x; theta*_{e,T_end}) of the experts ``experts`` at their last epoch (no DSA)."""
+        out = []
         with torch.no_grad():
-            chunks = torch.split(images.to(self.ctx.device), 500)
-            return torch.cat([functional_call(self.net, unflatten(self.net, theta), (c,)) for c in chunks])
+            for e in experts:
+                theta = unflatten(self.net, self.trajectories[e][-1].to(self.ctx.device))
+                chunks = torch.split(images.to(self.ctx.device), 500)
+                out.append(torch.cat([functional_call(self.net, theta, (c,)) for c in chunks]).cpu())
+        return torch.stack(out)
 
     def initial_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.params.soft_labels:
             return super().initial_images()
+        if self.params.init == "representative":
+            images, labels = super().initial_images()
+        else:
+            images, labels = self.correctly_classified()
+        logits = self.expert_logits(images, range(len(self.trajectories)))  # [E, n, K]
+        right = (logits.argmax(-1) == labels).float()  # [E, n]
+        right[:, right.sum(0) == 0] = 1.0  # no expert right: all of them
+        self.init_logits = (logits * right[..., None]).sum(0) / right.sum(0)[:, None]
+        return images, labels
+
+    def correctly_classified(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ipc`` random real images per class that expert 0 (last epoch) classifies correctly."""
         real, ipc = self.real, self.params.ipc
         per_class_sample(real.train_labels, ipc, self.ctx.seed, real.classes)  # one clear error if too few
-        images = torch.from_numpy(real.train_images)
-        logits = self.label_expert_logits(images).cpu()
-        correct = logits.argmax(-1).numpy() == real.train_labels
+        images, labels = torch.from_numpy(real.train_images), torch.from_numpy(real.train_labels)
+        correct = (self.expert_logits(images, range(1))[0].argmax(-1) == labels).numpy()
         rng = np.random.default_rng(self.ctx.seed)
         picks = []
         for c in range(real.classes):
             members = rng.permutation(np.flatnonzero(real.train_labels == c))
             picks.append(np.concatenate([members[correct[members]], members[~correct[members]]])[:ipc])
-        pick = np.concatenate(picks)
+        pick = torch.from_numpy(np.concatenate(picks))
         self.extra_card["init_correct"] = f"{int(correct[pick].sum())}/{len(pick)}"
-        self.init_logits = logits[pick]
-        return images[pick], torch.from_numpy(real.train_labels[pick])
+        return images[pick], labels[pick]
 
     def synthetic_set(self, images: torch.Tensor, labels: torch.Tensor) -> SyntheticSet:
         p = self.params

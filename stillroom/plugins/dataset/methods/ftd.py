@@ -56,6 +56,7 @@ class FTD(MTT):
     Synthetic = AveragedSyntheticSet
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        super().after_step(step, metrics)  # D_syn^{k+1} projected onto [0, 1] first
         self.synthetic.average(self.params.ema_decay)
 
     def distilled(self) -> tuple[np.ndarray, np.ndarray]:

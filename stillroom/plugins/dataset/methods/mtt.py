@@ -14,7 +14,11 @@ then compares where it landed with where the expert was M (``expert_epochs``) ep
 
 L is differentiated through all N steps into D_syn and alpha (both the trainable ``student`` role,
 updated by the trainer's optimizer; alpha = exp(lr_scale * u) so one optimizer step moves log alpha
-by about ``lr_lr``). Labels are hard, one class per image, images initialised from random real ones.
+by about ``lr_lr``). After every outer step D_syn is projected back onto the pixel range [0, 1], so the
+images the student trains on are the images shipped. Labels are hard, one class per image; images are
+initialised from random real ones (``init: real``, the paper's), or from the real images nearest
+to the centroids of a per-class k-means (``init: representative``, the initialisation of Shen et al.
+2024, ``shq``), or from uniform noise.
 
 Variants (FTD, DATM, ...) subclass ``MTT`` and override ``matching_loss`` (the objective on the end
 points), ``student_end`` (the student's inner loop, ``unroll``), ``start_epoch`` (which t a match
@@ -34,6 +38,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
+from stillroom.core.errors import StillroomError
 from stillroom.core.method import Role, StepOutput
 from stillroom.plugins.dataset import experts
 from stillroom.plugins.dataset.base import DatasetMethod, DatasetParams
@@ -49,7 +54,7 @@ class MTTParams(DatasetParams):
     syn_lr: float = Field(0.01, gt=0, description="initial learnable student learning rate alpha")
     lr_lr: float = Field(1e-3, gt=0, description="optimizer step on log alpha relative to train.lr")
     batch_syn: int = Field(0, ge=0, description="synthetic images per student step (0: all)")
-    init: Literal["real", "noise"] = "real"
+    init: Literal["real", "representative", "noise"] = "real"
     experts: ExpertConfig = Field(default_factory=ExpertConfig)
 
     @model_validator(mode="after")
@@ -72,6 +77,11 @@ class SyntheticSet(nn.Module):
     def syn_lr(self) -> torch.Tensor:
         return torch.exp(self.lr_scale * self.u)
 
+    @torch.no_grad()
+    def project(self) -> None:
+        """D_syn <- clip(D_syn, 0, 1): the images stay what ``distilled()`` ships."""
+        self.images.clamp_(0, 1)
+
     def targets(self) -> torch.Tensor:
         """What the inner loop trains on: class indices [N] here, probabilities [N, K] with soft labels."""
         return self.labels
@@ -80,6 +90,29 @@ class SyntheticSet(nn.Module):
 def matching_loss(end: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """||theta_hat_{t+N} - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2 (MTT eq. 2)."""
     return (end - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def representative(images: np.ndarray, labels: np.ndarray, ipc: int, classes: int, seed: int) -> np.ndarray:
+    """Per class, the indices of the real images nearest to the ``ipc`` k-means centroids (distinct):
+    x_{c,j} = argmin_{x in D_c} ||x - mu_{c,j}|| (k-means on pixels, k = ipc, seeded)."""
+    try:
+        from scipy.cluster.vq import kmeans2
+    except ImportError:
+        raise StillroomError(
+            "the representative initialisation needs scipy's k-means, which is not installed",
+            "pip install 'stillroom[search]', or set method.init=real",
+        ) from None
+    picks = []
+    for c in range(classes):
+        members = np.flatnonzero(labels == c)
+        points = images[members].reshape(len(members), -1).astype(np.float64)
+        centroids, _ = kmeans2(points, ipc, minit="++", seed=seed + c)
+        taken: list[int] = []
+        for mu in centroids:
+            order = np.argsort(((points - mu) ** 2).sum(1), kind="stable")
+            taken.append(next(int(i) for i in order if i not in taken))
+        picks.append(members[taken])
+    return np.concatenate(picks)
 
 
 def unflatten(net: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,9 +171,12 @@ class MTT(DatasetMethod):
         return {"student": Role(self.synthetic)}
 
     def initial_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """D_syn's starting pixels and labels: ``ipc`` random real images per class (seeded)."""
-        real = self.real
-        pick = per_class_sample(real.train_labels, self.params.ipc, self.ctx.seed, real.classes)
+        """D_syn's starting pixels and labels: ``ipc`` real images per class (seeded), drawn at random
+        or (``init: representative``) nearest to the per-class k-means centroids."""
+        p, real = self.params, self.real
+        pick = per_class_sample(real.train_labels, p.ipc, self.ctx.seed, real.classes)  # or one clear error
+        if p.init == "representative":
+            pick = representative(real.train_images, real.train_labels, p.ipc, real.classes, self.ctx.seed)
         return torch.from_numpy(real.train_images[pick]), torch.from_numpy(real.train_labels[pick])
 
     def synthetic_set(self, images: torch.Tensor, labels: torch.Tensor) -> SyntheticSet:
@@ -165,6 +201,9 @@ class MTT(DatasetMethod):
             losses.append(self.matching_loss(self.student_end(start, gen), target, start))
         loss = torch.stack(losses).mean()
         return StepOutput(loss, {"syn_lr": float(syn.syn_lr().detach())})
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.synthetic.project()
 
     def start_epoch(self, t: int, step: int) -> int:
         """The start epoch of a match: the sampled item's t (DATM draws it from a moving window)."""

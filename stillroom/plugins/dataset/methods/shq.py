@@ -10,7 +10,8 @@ AST): MTT with smooth experts, a representative initialisation and a class-balan
 
 2. Representative initialisation. Random real images make distillation sensitive to the draw; the
    IPC images of class c start as the real images nearest to the centroids of a k-means (k = IPC, on
-   pixels, seeded) of class c's real images:  x_{c,j} = argmin_{x in D_c} ||x - mu_{c,j}||, distinct.
+   pixels, seeded) of class c's real images:  x_{c,j} = argmin_{x in D_c} ||x - mu_{c,j}||, distinct
+   (``mtt.representative``, ``init: representative``, shq's default).
 
 3. Balanced inner loop. Each inner step trains on a class-stratified minibatch b_n with
    max(1, ``batch_syn`` // K) images of every class (all images when ``batch_syn`` is 0), and the
@@ -30,12 +31,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
-from stillroom.core.errors import StillroomError
-from stillroom.plugins.dataset.data import per_class_sample
 from stillroom.plugins.dataset.experts import ExpertConfig
 from stillroom.plugins.dataset.methods.mtt import MTT, MTTParams
 
@@ -44,28 +42,6 @@ class SHQParams(MTTParams):
     init: Literal["representative", "real", "noise"] = "representative"
     balanced: bool = Field(True, description="class-stratified inner minibatches")
     experts: ExpertConfig = Field(default_factory=lambda: ExpertConfig(clip=1.5))
-
-
-def representative(images: np.ndarray, labels: np.ndarray, ipc: int, classes: int, seed: int) -> np.ndarray:
-    """Per class, the indices of the real images nearest to the ``ipc`` k-means centroids (distinct)."""
-    picks = []
-    try:
-        from scipy.cluster.vq import kmeans2
-    except ImportError:
-        raise StillroomError(
-            "shq's representative initialisation needs scipy's k-means, which is not installed",
-            "pip install 'stillroom[search]', or set method.init=real",
-        ) from None
-    for c in range(classes):
-        members = np.flatnonzero(labels == c)
-        points = images[members].reshape(len(members), -1).astype(np.float64)
-        centroids, _ = kmeans2(points, ipc, minit="++", seed=seed + c)
-        taken: list[int] = []
-        for mu in centroids:
-            order = np.argsort(((points - mu) ** 2).sum(1), kind="stable")
-            taken.append(next(int(i) for i in order if i not in taken))
-        picks.append(members[taken])
-    return np.concatenate(picks)
 
 
 class SHQ(MTT):
@@ -78,14 +54,6 @@ class SHQ(MTT):
         "Expert Trajectories"
     )
     Params = SHQParams
-
-    def initial_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p, real = self.params, self.real
-        if p.init != "representative":
-            return super().initial_images()
-        per_class_sample(real.train_labels, p.ipc, self.ctx.seed, real.classes)  # one clear error if too few
-        pick = representative(real.train_images, real.train_labels, p.ipc, real.classes, self.ctx.seed)
-        return torch.from_numpy(real.train_images[pick]), torch.from_numpy(real.train_labels[pick])
 
     def minibatch(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """A class-stratified minibatch: max(1, batch // K) images of every class (0: all images)."""
