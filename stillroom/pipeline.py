@@ -146,13 +146,14 @@ def _exported(out: Path, to: str) -> Artifact | None:
 
 def _check_same_recipe(recipe: recipes.Recipe, run: Path) -> None:
     """Refuses a run folder started with another recipe. Both sides go through today's recipe model,
-    so a field a newer stillroom added (at its default) does not make an old run look different."""
+    so a field a newer stillroom added (at its default) does not make an old run look different; the
+    ``description`` is documentation and is not compared."""
     saved = run / "recipe.yaml"
     if not saved.is_file():
         return
     try:
         before = recipes.validate(yaml.safe_load(saved.read_text(encoding="utf-8"))).to_dict()
-        same = before == recipe.to_dict()
+        same = {**before, "description": ""} == {**recipe.to_dict(), "description": ""}
     except (OSError, ValueError, yaml.YAMLError, StillroomError):
         same = False
     if not same:

@@ -81,7 +81,8 @@ def test_a_damaged_artifact_is_exported_again(tmp_path, monkeypatch):
 
 
 def test_a_run_from_an_older_stillroom_is_not_a_different_recipe(tmp_path, tiny_teacher, corpus_dir):
-    """A field added since (at its default) is the same recipe; a changed value is not."""
+    """A field added since (at its default) or a reworded description is the same recipe; a changed
+    value is not."""
     import yaml
 
     from stillroom.core import recipe as recipes
@@ -90,6 +91,9 @@ def test_a_run_from_an_older_stillroom_is_not_a_different_recipe(tmp_path, tiny_
     recipe = recipes.validate(lm_recipe(tiny_teacher, corpus_dir))
     older = recipe.to_dict()
     del older["export"]["with_teacher"]  # what a run folder of a stillroom before --with-teacher holds
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(older))
+    _check_same_recipe(recipe, tmp_path)
+    older["description"] = "reworded since"  # documentation, not a setting
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(older))
     _check_same_recipe(recipe, tmp_path)
     older["train"]["steps"] += 1
